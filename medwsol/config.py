@@ -1,0 +1,391 @@
+"""Typed pipeline configuration: one pydantic model per YAML section.
+
+Every model forbids unknown keys, so a typo fails at once with its YAML path.
+
+Example:
+    >>> from medwsol.config import load_config
+    >>> cfg = load_config("pipelines/demo.yaml", overrides=["train.epochs=2"])  # doctest: +SKIP
+    >>> cfg.train.epochs  # doctest: +SKIP
+    2
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medwsol.errors import ConfigError, RegistryError
+from medwsol.methods.catalog import BACKBONES, METHOD_PARAMS, METHODS
+
+__all__ = [
+    "STAGES",
+    "PipelineConfig",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "SlidesConfig",
+    "ExportConfig",
+    "TrackingConfig",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "check_files",
+    "flatten",
+]
+
+STAGES = ("prepare", "train", "evaluate", "infer", "export")
+Stage = Literal["prepare", "train", "evaluate", "infer", "export"]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors; defaults are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+class SyntheticConfig(Section):
+    """The built-in H&E-like gland dataset (``data.source: synthetic``)."""
+
+    n_images: int = Field(120, ge=8, description="images in all (half benign, half malignant)")
+    size: int = Field(192, ge=64, le=2048, description="square image side in pixels")
+    seed: int = 0
+    valid_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0, lt=0.6)
+    n_valpx: int = Field(6, ge=2, description="pixel-labelled validation images (half per class)")
+
+
+class SyntheticSlidesConfig(Section):
+    """Synthetic whole slides for ``data.source: slides`` when no slides are given."""
+
+    n_train: int = Field(4, ge=2, description="training slides (half with tumour)")
+    n_test: int = Field(1, ge=1, description="held-out slides with tumour, for inference")
+    width: int = Field(8192, ge=1024)
+    height: int = Field(6144, ge=1024)
+    mpp: float = Field(0.5, gt=0)
+    seed: int = 0
+
+
+class SlideTilesConfig(Section):
+    """CAMELYON16-style tile extraction from slides (``data.source: slides``)."""
+
+    slides: Path | None = Field(None, description="slides.csv with columns slide, label, group[, annotations]")
+    annotations: Path | None = Field(None, description="folder of QuPath GeoJSON, <slide stem>.geojson")
+    tile_size: int = Field(256, ge=32)
+    mpp: float = Field(1.0, gt=0, description="resolution of the extracted tiles (µm/px)")
+    min_tissue: float = Field(0.1, ge=0, le=1)
+    min_tumour: float = Field(0.2, ge=0, le=1)
+    tumour_class: str = "malignant"
+    normal_class: str = "benign"
+    max_tiles_per_slide: int | None = Field(None, ge=1)
+    synthetic: SyntheticSlidesConfig = SyntheticSlidesConfig()
+
+
+class AugmentConfig(Section):
+    """Training augmentation (evaluation is deterministic)."""
+
+    flip: bool = True
+    rot90: bool = True
+    stain_jitter: float = Field(0.05, ge=0, le=0.5, description="H&E stain-space jitter strength (0: off)")
+    brightness_contrast: float = Field(0.1, ge=0, le=0.5, description="random intensity scale/shift (0: off)")
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are fed to the model."""
+
+    source: Literal["synthetic", "glas", "manifest", "slides"] = "synthetic"
+    root: Path | None = Field(None, description="GlaS: the unzipped 'Warwick QU Dataset (Released ...)' folder")
+    manifest: Path = Field(Path("data/manifest.csv"), description="written by prepare, read by train/evaluate")
+    classes: list[str] = Field(default_factory=lambda: ["benign", "malignant"], min_length=2)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    tiles: SlideTilesConfig = SlideTilesConfig()
+    patch_size: int = Field(160, ge=32, description="training crop; smaller images are padded")
+    eval_pad_to: int = Field(32, ge=1, description="evaluation images are padded to a multiple of this")
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(0, ge=0)
+    cache: Literal["none", "cache", "persistent"] = "cache"
+    cache_dir: Path | None = None
+    cache_rate: float = Field(1.0, gt=0, le=1)
+    split_seed: int = 0
+    n_folds: int = Field(5, ge=2)
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"classes must be unique, got {v}")
+        return v
+
+
+class ModelConfig(Section):
+    """Which WSOL method, on which backbone."""
+
+    method: str = "minmax_entropy"
+    backbone: str = "resnet18"
+    pretrained: Path | None = Field(None, description="local ImageNet weights (torchvision layout accepted)")
+    output_stride: Literal[8, 16, 32] = 16
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own knobs")
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        METHODS.check(self.method)
+        BACKBONES.check(self.backbone)
+        self.params = METHOD_PARAMS[self.method].model_validate(self.params).model_dump()
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation, precision, checkpoints and model selection."""
+
+    epochs: int = Field(10, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["none", "step", "cosine"] = "cosine"
+    step_size: int = Field(30, ge=1, description="epochs between lr drops (schedule=step)")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16/fp16 on CUDA, off on CPU; bf16 on CPU is opt-in"
+    )
+    channels_last: bool = True
+    grad_clip: float | None = Field(5.0, gt=0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    select_metric: Literal["val_error", "val_loss", "valpx_miou", "valpx_pxap", "last"] = "val_error"
+    patience: int | None = Field(None, ge=1, description="early stopping after this many epochs without improvement")
+    deterministic: bool = True
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+
+class EvaluateConfig(Section):
+    """The evaluation protocol (Choe et al. 2020)."""
+
+    splits: list[str] = Field(default_factory=lambda: ["test"])
+    threshold_split: str = Field("valpx", description="pixel-labelled split on which tau is chosen by best mIoU")
+    threshold_step: float = Field(0.001, gt=0, le=0.1)
+    n_overlays: int = Field(8, ge=0)
+    batch_size: int = Field(4, ge=1)
+    boundary_tolerance: int = Field(2, ge=0, description="pixels, for boundary F1")
+
+
+class SlidesConfig(Section):
+    """Whole-slide inference: tissue detection, tiling and stitching."""
+
+    inputs: list[Path] = Field(default_factory=list, description="slide files to infer on")
+    manifest: Path | None = Field(None, description="CSV with a 'slide' column (paths relative to it)")
+    target_mpp: float = Field(1.0, gt=0, description="resolution the model sees (µm/px)")
+    fallback_mpp: float | None = Field(None, gt=0, description="used when a slide has no mpp and no objective power")
+    tile_size: int = Field(256, ge=32)
+    overlap: int = Field(0, ge=0)
+    min_tissue: float = Field(0.1, ge=0, le=1)
+    tissue_mpp: float = Field(16.0, gt=0, description="resolution of the tissue mask")
+    output_mpp: float = Field(4.0, gt=0, description="resolution of the stitched heatmap")
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(1, ge=0)
+    threshold: float | None = Field(None, gt=0, lt=1, description="default: tau chosen at evaluation, else 0.5")
+    out_dir: Path | None = Field(None, description="default: <run dir>/slides")
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _overlap_lt_tile(self):
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_size ({self.tile_size})")
+        return self
+
+
+class ExportConfig(Section):
+    """What each slide's heatmap is exported as."""
+
+    formats: list[Literal["tiff", "geojson", "png", "nifti", "mha"]] = Field(
+        default_factory=lambda: ["tiff", "geojson", "png"]
+    )
+    geojson_gzip: bool = False
+    class_name: str = "Tumor"
+    colour: tuple[int, int, int] = (200, 0, 0)
+    simplify: float = Field(1.0, ge=0, description="polygon simplification tolerance in heatmap pixels")
+    min_region_area: float = Field(0.0, ge=0, description="drop regions smaller than this many µm²")
+    colormap: str = "inferno"
+
+
+class TrackingConfig(Section):
+    """MLflow tracking and model registry."""
+
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///..., http://...)")
+    experiment: str = "medwsol"
+    register_as: str | None = Field(None, description="registered model name; champion alias moves on improvement")
+
+
+class PipelineConfig(Section):
+    """A whole pipeline YAML."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    stages: list[Stage] = Field(default_factory=lambda: ["prepare", "train", "evaluate"])
+    run_root: Path = Path("runs")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    slides: SlidesConfig = SlidesConfig()
+    export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"stages repeat: {v}")
+        return sorted(v, key=STAGES.index)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-") or part in ("literal", "str", "int"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<top level>"
+
+
+def _format_validation_error(err: ValidationError, data: dict[str, Any], prefix: str = "") -> str:
+    msgs = []
+    for e in err.errors():
+        loc = _format_loc(tuple(e["loc"]))
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc != "<top level>" else prefix
+        if e["type"] == "extra_forbidden":
+            parent = loc.rsplit(".", 1)[0] if "." in loc else "<top level>"
+            msgs.append(f"{loc}: unknown key (value {e['input']!r}); fix: remove it or check the spelling under {parent}")
+        elif e["type"] == "missing":
+            msgs.append(f"{loc}: required key is missing; fix: add it")
+        else:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            msgs.append(f"{loc}: {msg} (got {e['input']!r})")
+    return "; ".join(msgs)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    """Validate a config dict; raise ConfigError with the YAML path of each problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level; fix: start with 'name: ...'")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_validation_error(err, data)}") from None
+    except RegistryError as err:  # raised inside the model validator with its own message
+        raise ConfigError(f"{source}: model: {err}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value; fix: e.g. --set train.epochs=2")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section; fix: check the key path")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML file into a dict with errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found; fix: check the path (e.g. pipelines/demo.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where}: invalid YAML ({getattr(err, 'problem', err)}); fix: correct the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a YAML mapping at the top level; fix: start with 'name: ...'")
+    return data
+
+
+def check_files(cfg: PipelineConfig, source: str, stages: list[str] | None = None) -> None:
+    """Fail early when a file the given stages read is missing (and no earlier stage makes it)."""
+    stages = list(stages if stages is not None else cfg.stages)
+    makes_manifest = "prepare" in stages
+    problems = []
+    if cfg.model.pretrained is not None and not cfg.model.pretrained.is_file():
+        problems.append(f"model.pretrained: file {str(cfg.model.pretrained)!r} not found; fix: give a local .pth or remove the key")
+    if "prepare" in stages:
+        if cfg.data.source == "glas" and (cfg.data.root is None or not cfg.data.root.is_dir()):
+            problems.append(
+                f"data.root: GlaS folder {str(cfg.data.root)!r} not found; fix: download and unzip the Warwick QU "
+                "release and set data.root to it (see data_manifests/README.md)"
+            )
+        if cfg.data.source == "manifest" and not cfg.data.manifest.is_file():
+            problems.append(f"data.manifest: file {str(cfg.data.manifest)!r} not found; fix: check the path")
+        if cfg.data.source == "slides":
+            t = cfg.data.tiles
+            if t.slides is not None and not t.slides.is_file():
+                problems.append(f"data.tiles.slides: file {str(t.slides)!r} not found; fix: check the path")
+            if t.annotations is not None and not t.annotations.is_dir():
+                problems.append(f"data.tiles.annotations: folder {str(t.annotations)!r} not found; fix: check the path")
+    elif any(s in stages for s in ("train", "evaluate")) and not makes_manifest and not cfg.data.manifest.is_file():
+        problems.append(
+            f"data.manifest: file {str(cfg.data.manifest)!r} not found; fix: run the prepare stage first "
+            "or point data.manifest at an existing manifest"
+        )
+    if "infer" in stages and "prepare" not in stages:
+        for i, s in enumerate(cfg.slides.inputs):
+            if not s.exists():
+                problems.append(f"slides.inputs[{i}]: file {str(s)!r} not found; fix: check the path")
+        if cfg.slides.manifest is not None and not cfg.slides.manifest.is_file():
+            problems.append(f"slides.manifest: file {str(cfg.slides.manifest)!r} not found; fix: check the path")
+    mp = cfg.model.params
+    ckpt = mp.get("classifier_checkpoint") if isinstance(mp, dict) else None
+    if ckpt and not Path(ckpt).is_file() and "train" in stages:
+        problems.append(f"model.params.classifier_checkpoint: file {ckpt!r} not found; fix: train a cam model first")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    check: bool = True,
+) -> PipelineConfig:
+    """Read, override, validate and (optionally) check the files of a pipeline YAML."""
+    data = apply_overrides(read_yaml(path), overrides)
+    cfg = parse_config(data, source=str(path))
+    if check:
+        check_files(cfg, str(path), stages)
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to ``a.b.c`` keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,131 @@
+"""The method registry entries: name -> module, and each method's typed knobs.
+
+This module is torch-free on purpose: ``medwsol validate`` checks
+``model.method`` and ``model.params`` against these schemas in well under a
+second. Adding a method = one new file in ``medwsol/methods/`` (the
+``nn.Module``, decorated with ``@METHODS.register(name)``) plus one entry here
+(its module and its parameter model).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medwsol.registry import Registry
+
+__all__ = [
+    "METHODS",
+    "METHOD_PARAMS",
+    "BACKBONES",
+    "NoParams",
+    "CAMParams",
+    "GradCAMParams",
+    "MinMaxParams",
+    "WeightMapCEParams",
+    "WeightMapTripletParams",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoParams(_Strict):
+    """A method without knobs."""
+
+
+class CAMParams(_Strict):
+    """CAM (Zhou et al. 2016): ResNet features, global average pooling, linear classifier."""
+
+    map_class: Literal["predicted", "label"] = Field(
+        "predicted", description="which class's CAM is the weight map (label only when the batch has one)"
+    )
+
+
+class GradCAMParams(CAMParams):
+    """Grad-CAM (Selvaraju et al. 2017), post hoc on the CAM classifier."""
+
+
+class MinMaxParams(_Strict):
+    """Min-max entropy localizer + classifier (Belharbi et al. 2019; TMI 2022)."""
+
+    modalities: int = Field(5, ge=1, description="WILDCAT maps per class (k in the paper's code)")
+    kmax: float = Field(0.1, gt=0, le=1, description="fraction (or count if >1) of top activations pooled")
+    kmin: float = Field(0.1, ge=0, le=1, description="fraction of lowest activations pooled (0: none)")
+    alpha: float = Field(0.6, ge=0, description="weight of the kmin term in WILDCAT pooling")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    sigmoid_w: float = Field(8.0, gt=0, description="pseudo-binary mask slope w (2019: 8, TMI: 5)")
+    sigmoid_sigma: float = Field(0.5, gt=0, lt=1, description="pseudo-binary mask offset sigma (2019: 0.5)")
+    fg_loss: bool = Field(True, description="CE of classifier(X+) with the label")
+    bg_loss: bool = Field(True, description="CE of classifier(X-) towards the uniform distribution")
+    loc_loss: bool = Field(True, description="CE of the localizer's own class scores")
+    bg_weight: float = Field(1.0, ge=0)
+    erase_steps: int = Field(0, ge=0, description="recursive erasing steps u (paper: 4; 0 disables)")
+    size_constraints: bool = Field(False, description="TMI absolute size constraints via extended log-barrier")
+    size_min_fraction: float = Field(0.05, gt=0, lt=0.5, description="fg and bg must each cover at least this fraction")
+    barrier_t0: float = Field(5.0, gt=0)
+    barrier_growth: float = Field(1.01, ge=1.0)
+    barrier_tmax: float = Field(10.0, gt=0)
+    size_weight: float = Field(1.0, ge=0)
+
+
+class _WeightMapCommon(_Strict):
+    unet_features: tuple[int, int, int, int, int, int] = Field(
+        (16, 32, 64, 128, 256, 16), description="MONAI BasicUNet feature widths of the generator"
+    )
+    classifier: Literal["joint", "frozen"] = Field(
+        "joint", description="train the classifier with the generator, or load it pre-trained and freeze it"
+    )
+    classifier_checkpoint: str | None = Field(None, description="checkpoint of a trained `cam` model (classifier=frozen)")
+    area_weight: float = Field(0.3, ge=0, description="weight of the mean-area penalty on W")
+    area_target: float = Field(0.0, ge=0, lt=1, description="penalise mean(W) above this fraction only")
+    tv_weight: float = Field(0.0, ge=0, description="total-variation smoothness of W")
+    cls_weight: float = Field(1.0, ge=0, description="weight of the classifier's CE on the plain image")
+
+    @model_validator(mode="after")
+    def _frozen_needs_checkpoint(self):
+        if self.classifier == "frozen" and not self.classifier_checkpoint:
+            raise ValueError("classifier=frozen needs classifier_checkpoint; fix: set it or use classifier=joint")
+        return self
+
+
+class WeightMapCEParams(_WeightMapCommon):
+    """Learned weight map, classifier-based (Shaharabany & Wolf 2021, method B1)."""
+
+    ce_weight: float = Field(1.0, ge=0, description="CE of f(I*W) with the label")
+    embed_weight: float = Field(1.0, ge=0, description="distance between f's embeddings of I and I*W")
+
+
+class WeightMapTripletParams(_WeightMapCommon):
+    """Learned weight map, Siamese triplets (Shaharabany & Wolf 2021, method B2)."""
+
+    margin_fg: float = Field(1.0, gt=0, description="margin of triplet (image, foreground, background)")
+    margin_class: float = Field(1.0, gt=0, description="margin of triplet (fg, fg same class, fg other class)")
+    class_weight: float = Field(1.0, ge=0, description="weight of the class-wise triplet loss")
+
+
+METHODS: Registry = Registry(
+    "method",
+    lazy={
+        "cam": "medwsol.methods.cam",
+        "gradcam": "medwsol.methods.gradcam",
+        "minmax_entropy": "medwsol.methods.minmax",
+        "weightmap_ce": "medwsol.methods.weightmap",
+        "weightmap_triplet": "medwsol.methods.weightmap",
+    },
+)
+
+METHOD_PARAMS: dict[str, type[BaseModel]] = {
+    "cam": CAMParams,
+    "gradcam": GradCAMParams,
+    "minmax_entropy": MinMaxParams,
+    "weightmap_ce": WeightMapCEParams,
+    "weightmap_triplet": WeightMapTripletParams,
+}
+
+BACKBONES: Registry = Registry(
+    "backbone",
+    lazy={name: "medwsol.methods.backbones" for name in ("resnet18", "resnet34", "resnet50")},
+)
