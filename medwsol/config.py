@@ -131,12 +131,23 @@ class ModelConfig(Section):
     output_stride: Literal[8, 16, 32] = 16
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own knobs")
 
-    @model_validator(mode="after")
-    def _known_names(self):
-        METHODS.check(self.method)
-        BACKBONES.check(self.backbone)
-        self.params = METHOD_PARAMS[self.method].model_validate(self.params).model_dump()
-        return self
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        try:
+            METHODS.check(v)
+        except RegistryError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        try:
+            BACKBONES.check(v)
+        except RegistryError as err:
+            raise ValueError(str(err)) from None
+        return v
 
 
 class TrainConfig(Section):
@@ -278,12 +289,27 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> PipelineConf
     """Validate a config dict; raise ConfigError with the YAML path of each problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a YAML mapping at the top level; fix: start with 'name: ...'")
+    msgs = []
+    cfg = None
     try:
-        return PipelineConfig.model_validate(data)
+        cfg = PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_format_validation_error(err, data)}") from None
-    except RegistryError as err:  # raised inside the model validator with its own message
-        raise ConfigError(f"{source}: model: {err}") from None
+        msgs.append(_format_validation_error(err, data))
+    # the method's own knobs, validated against its schema, with full YAML paths
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    method = model.get("method", ModelConfig.model_fields["method"].default)
+    params = model.get("params") or {}
+    if method in METHOD_PARAMS and isinstance(params, dict):
+        try:
+            validated = METHOD_PARAMS[method].model_validate(params).model_dump()
+            if cfg is not None:
+                cfg.model.params = validated
+        except ValidationError as err:
+            msgs.append(_format_validation_error(err, params, prefix="model.params"))
+    if msgs:
+        raise ConfigError(f"{source}: " + "; ".join(msgs))
+    assert cfg is not None
+    return cfg
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -325,15 +351,26 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def check_files(cfg: PipelineConfig, source: str, stages: list[str] | None = None) -> None:
-    """Fail early when a file the given stages read is missing (and no earlier stage makes it)."""
+def check_files(
+    cfg: PipelineConfig, source: str, stages: list[str] | None = None, require_unset: bool = True
+) -> list[str]:
+    """Fail early when a file the given stages read is missing (and no earlier stage makes it).
+
+    With ``require_unset=False`` (``medwsol validate``) a required path that is simply not
+    set yet (``data.root: null`` in glas.yaml, to be given with ``--set``) is returned as a
+    note instead of failing; a path that is set but missing always fails.
+    """
     stages = list(stages if stages is not None else cfg.stages)
     makes_manifest = "prepare" in stages
-    problems = []
+    problems: list[str] = []
+    notes: list[str] = []
     if cfg.model.pretrained is not None and not cfg.model.pretrained.is_file():
         problems.append(f"model.pretrained: file {str(cfg.model.pretrained)!r} not found; fix: give a local .pth or remove the key")
     if "prepare" in stages:
-        if cfg.data.source == "glas" and (cfg.data.root is None or not cfg.data.root.is_dir()):
+        if cfg.data.source == "glas" and cfg.data.root is None and not require_unset:
+            notes.append("data.root is not set; give it before running (e.g. --set data.root='/path/to/Warwick QU "
+                         "Dataset (Released 2016_07_08)')")
+        elif cfg.data.source == "glas" and (cfg.data.root is None or not cfg.data.root.is_dir()):
             problems.append(
                 f"data.root: GlaS folder {str(cfg.data.root)!r} not found; fix: download and unzip the Warwick QU "
                 "release and set data.root to it (see data_manifests/README.md)"
@@ -363,6 +400,7 @@ def check_files(cfg: PipelineConfig, source: str, stages: list[str] | None = Non
         problems.append(f"model.params.classifier_checkpoint: file {ckpt!r} not found; fix: train a cam model first")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+    return notes
 
 
 def load_config(
@@ -370,12 +408,18 @@ def load_config(
     overrides: list[str] | None = None,
     stages: list[str] | None = None,
     check: bool = True,
+    notes: list[str] | None = None,
 ) -> PipelineConfig:
-    """Read, override, validate and (optionally) check the files of a pipeline YAML."""
+    """Read, override, validate and (optionally) check the files of a pipeline YAML.
+
+    When a ``notes`` list is given, required-but-unset paths are appended to it instead of failing.
+    """
     data = apply_overrides(read_yaml(path), overrides)
     cfg = parse_config(data, source=str(path))
     if check:
-        check_files(cfg, str(path), stages)
+        found = check_files(cfg, str(path), stages, require_unset=notes is None)
+        if notes is not None:
+            notes.extend(found)
     return cfg
 
 

@@ -1,0 +1,290 @@
+"""The trainer: one loop for every registered method.
+
+* SGD / AdamW, none / step / cosine schedules with optional linear warm-up;
+* AMP on CUDA (bf16, or fp16 with a GradScaler), bf16 autocast on CPU opt-in, channels_last;
+* gradient clipping; a NaN/inf loss stops training with a clear message (the last
+  good checkpoint is kept);
+* seeded and deterministic on CPU: the shuffling, the augmentation and the torch RNG are
+  re-seeded from ``(seed, epoch)`` at each epoch, so ``--resume`` reaches exactly the
+  metrics of an uninterrupted run;
+* ``checkpoints/last.pt`` written atomically every epoch, ``best.pt`` on improvement of
+  ``train.select_metric``; early stopping after ``train.patience`` epochs without one;
+* per-epoch metrics to ``train_log.csv`` and the tracker; the best model is logged to the
+  tracker and registered (champion alias moves only on improvement).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from medwsol.checkpoint import read_checkpoint, write_checkpoint
+from medwsol.engine.runtime import amp_dtype, autocast, seed_everything, select_device, set_threads, to_device
+from medwsol.errors import CheckpointError, DataError, TrainingError
+from medwsol.io import write_text
+
+__all__ = ["train", "SELECT", "build_optimizer", "build_scheduler"]
+
+# select_metric -> (key in the validation scores, higher is better)
+SELECT: dict[str, tuple[str, bool]] = {
+    "val_error": ("val_error", False),
+    "val_loss": ("val_loss", False),
+    "valpx_miou": ("valpx_miou", True),
+    "valpx_pxap": ("valpx_pxap", True),
+    "last": ("epoch", True),
+}
+
+
+def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=False)
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, tc) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch multiplicative schedule (stepped once per epoch)."""
+
+    def factor(epoch: int) -> float:
+        if tc.warmup_epochs and epoch < tc.warmup_epochs:
+            return (epoch + 1) / (tc.warmup_epochs + 1)
+        if tc.schedule == "cosine":
+            span = max(tc.epochs - tc.warmup_epochs, 1)
+            t = min(max(epoch - tc.warmup_epochs, 0) / span, 1.0)
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+        if tc.schedule == "step":
+            return tc.gamma ** (epoch // tc.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _records(df, split: str) -> list[dict]:
+    from medwsol.data.manifest import split_records
+
+    return split_records(df, split)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    import pandas as pd
+
+    write_text(path, pd.DataFrame(history).to_csv(index=False))
+
+
+def train(ctx) -> dict[str, Any]:
+    """The ``train`` stage. Returns a summary (best epoch, metric, checkpoint paths)."""
+    from medwsol.data.datasets import make_dataset, make_loader
+    from medwsol.data.manifest import load_manifest
+    from medwsol.data.transforms import train_transforms
+    from medwsol.engine.evaluate import make_eval_loader, score_split
+    from medwsol.methods.base import build_method
+
+    cfg, tracker = ctx.cfg, ctx.tracker
+    tc, dc = cfg.train, cfg.data
+    console = Console(stderr=True)
+    set_threads(tc.threads)
+    seed_everything(cfg.seed, tc.deterministic)
+    device = select_device(tc.device)
+    dtype = amp_dtype(device, tc.amp)
+    classes = list(dc.classes)
+
+    df = load_manifest(dc.manifest, classes)
+    train_recs = _records(df, "train")
+    if not train_recs:
+        raise DataError(f"{dc.manifest}: no rows with split 'train'; fix: assign splits (medwsol prepare pipeline)")
+    val_recs = _records(df, "valid")
+    valpx_recs = [r for r in _records(df, "valpx") if "mask" in r]
+    key, higher = SELECT[tc.select_metric]
+    if tc.select_metric.startswith("valpx") and not valpx_recs:
+        raise DataError(f"{dc.manifest}: train.select_metric={tc.select_metric} needs pixel-labelled 'valpx' rows; "
+                        "fix: mark some valid images valpx=1 or use select_metric=val_error")
+    if tc.select_metric.startswith("val_") and not val_recs:
+        raise DataError(f"{dc.manifest}: train.select_metric={tc.select_metric} needs 'valid' rows; "
+                        "fix: add a valid split or use select_metric=last")
+
+    train_tf = train_transforms(dc)
+    train_ds = make_dataset(train_recs, train_tf, dc)
+    val_loader = make_eval_loader(val_recs, cfg) if val_recs else None
+    valpx_loader = make_eval_loader(valpx_recs, cfg) if valpx_recs else None
+
+    if cfg.model.pretrained is None:
+        warnings.warn("model.pretrained is not set: the backbone starts from random weights "
+                      "(set it to a local ImageNet .pth for paper-like results)", stacklevel=1)
+        console.print("[yellow]warning:[/] model.pretrained not set: backbone starts from random weights")
+    model = build_method(cfg.model.method, num_classes=len(classes), backbone=cfg.model.backbone,
+                         pretrained=cfg.model.pretrained, output_stride=cfg.model.output_stride,
+                         params=cfg.model.params).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, tc)
+    sched = build_scheduler(opt, tc)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+
+    ckdir = ctx.checkpoints
+    last_path, best_path = ckdir / "last.pt", ckdir / "best.pt"
+    start_epoch, best_val, best_epoch, stale, history = 0, None, -1, 0, []
+    if ctx.resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"{last_path}: nothing to resume; fix: drop --resume or pass the right --run-dir")
+        ck = read_checkpoint(last_path)
+        if ck.get("model", {}).get("method") != cfg.model.method:
+            raise CheckpointError(f"{last_path}: checkpoint is of method {ck.get('model', {}).get('method')!r}, "
+                                  f"config says {cfg.model.method!r}; fix: resume with the run's own config")
+        model.load_state_dict(ck["state_dict"])
+        model.load_extra_state(ck.get("extra_state") or {})
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch = int(ck["epoch"]) + 1
+        best_val, best_epoch, stale = ck.get("best_value"), int(ck.get("best_epoch", -1)), int(ck.get("stale", 0))
+        history = list(ck.get("history") or [])
+        console.print(f"resuming from {last_path} at epoch {start_epoch}")
+
+    n_train = len(train_recs)
+    console.print(f"training {cfg.model.method} ({cfg.model.backbone}) on {n_train} images, "
+                  f"{len(val_recs)} valid, {len(valpx_recs)} valpx; device {device}, "
+                  f"amp {dtype if dtype else 'off'}; select {tc.select_metric}")
+
+    def payload(epoch: int) -> dict[str, Any]:
+        return {
+            "model": model.describe(),
+            "classes": classes,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "extra_state": model.extra_state(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "epoch": epoch,
+            "best_value": best_val,
+            "best_epoch": best_epoch,
+            "stale": stale,
+            "history": history,
+            "config": cfg.model_dump(mode="json"),
+        }
+
+    columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    t_start = time.perf_counter()
+    stopped_early = False
+    with Progress(*columns, console=console, transient=False) as progress:
+        for epoch in range(start_epoch, tc.epochs):
+            # everything random in an epoch derives from (seed, epoch): resume == uninterrupted
+            ep_seed = cfg.seed * 1000 + epoch
+            torch.manual_seed(ep_seed)
+            np.random.seed(ep_seed % 2**32)
+            if hasattr(train_tf, "set_random_state"):
+                train_tf.set_random_state(seed=ep_seed % 2**32)
+            loader = make_loader(train_ds, batch_size=dc.batch_size, shuffle=True, num_workers=dc.num_workers,
+                                 seed=ep_seed, drop_last=n_train > dc.batch_size)
+            model.train()
+            task = progress.add_task("train", total=len(loader), epoch=f"{epoch + 1}/{tc.epochs}", loss=float("nan"),
+                                     ips=0.0)
+            sums: dict[str, float] = {}
+            nb, nimg, t0 = 0, 0, time.perf_counter()
+            for batch in loader:
+                b = to_device(batch, device, tc.channels_last)
+                with autocast(device, dtype):
+                    losses = model.loss(b)
+                total = losses["total"].float()
+                if not torch.isfinite(total):
+                    raise TrainingError(
+                        f"loss became {total.item()} at epoch {epoch + 1}, batch {nb + 1} "
+                        f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); the last good checkpoint "
+                        f"is {last_path if last_path.is_file() else 'not written yet'}; fix: lower train.lr, "
+                        "enable train.grad_clip or turn off train.amp"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if tc.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+                nb += 1
+                nimg += int(b["image"].shape[0])
+                progress.update(task, advance=1, loss=sums["total"] / nb, ips=nimg / (time.perf_counter() - t0))
+            train_seconds = time.perf_counter() - t0
+            sched.step()
+            model.on_epoch_end(epoch)
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                                   "train_images_per_s": nimg / max(train_seconds, 1e-9)}
+            row.update({f"train_{k}": v / max(nb, 1) for k, v in sums.items()})
+            if val_loader is not None:
+                s = score_split(model, val_loader, device, dtype, tc.channels_last)
+                row.update({"val_error": s["error"], "val_loss": s["loss"]})
+            if valpx_loader is not None:
+                s = score_split(model, valpx_loader, device, dtype, tc.channels_last)
+                row.update({"valpx_pxap": s["pxap"], "valpx_miou": s["miou"], "valpx_tau": s["tau"]})
+            value = row.get(key, row["epoch"])
+            improved = best_val is None or (value > best_val if higher else value < best_val)
+            if improved:
+                best_val, best_epoch, stale = value, epoch + 1, 0
+            else:
+                stale += 1
+            row["best"] = int(improved)
+            history.append(row)
+            if improved:
+                write_checkpoint(best_path, payload(epoch))
+            write_checkpoint(last_path, payload(epoch))
+            _write_log(ctx.run_dir / "train_log.csv", history)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("val", "train_total")))
+            progress.console.print(f"epoch {epoch + 1}: {shown}{'  [green]best[/]' if improved else ''}")
+            if tc.patience and stale >= tc.patience:
+                progress.console.print(f"early stopping: no improvement of {tc.select_metric} for {stale} epochs")
+                stopped_early = True
+                break
+    summary = {
+        "best_epoch": best_epoch,
+        "best_value": best_val,
+        "select_metric": tc.select_metric,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "seconds": time.perf_counter() - t_start,
+        "best_checkpoint": str(best_path),
+    }
+    _finish(ctx, summary, classes, device)
+    return summary
+
+
+def _finish(ctx, summary: dict[str, Any], classes: list[str], device: torch.device) -> None:
+    """Curves, the best checkpoint and the model (logged and registered) to the tracker."""
+    from medwsol.checkpoint import model_from_checkpoint
+    from medwsol.export.overlay import plot_training_curves
+
+    cfg, tracker = ctx.cfg, ctx.tracker
+    curves = ctx.run_dir / "train_curves.png"
+    plot_training_curves(ctx.run_dir / "train_log.csv", curves)
+    for p in (curves, ctx.run_dir / "train_log.csv", ctx.run_dir / "config.yaml"):
+        tracker.log_artifact(p)
+    best = ctx.checkpoints / "best.pt"
+    tracker.log_artifact(best, "checkpoints")
+    tracker.log_metrics({"best_epoch": summary["best_epoch"], "train_seconds": summary["seconds"],
+                         f"best_{summary['select_metric']}": summary["best_value"] or 0.0})
+    model = model_from_checkpoint(read_checkpoint(best)).cpu().eval()
+    model.classes = classes
+    size = cfg.data.patch_size
+    example = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    uri = tracker.log_model(model, "model", example)
+    if uri and cfg.tracking.register_as:
+        key, higher = SELECT[summary["select_metric"]]
+        reg = tracker.register(uri, cfg.tracking.register_as, summary["select_metric"],
+                               float(summary["best_value"] or 0.0), higher)
+        summary["registry"] = reg
+        Console(stderr=True).print(
+            f"registered {reg['registered_model']} v{reg['version']} ({reg['select_metric']}={reg['value']:.4g}); "
+            f"champion: v{reg['champion_version']}"
+            + ("" if reg["champion_moved"] else f" (kept: previous {reg['previous_champion_value']:.4g} is not beaten)")
+        )
