@@ -207,6 +207,12 @@ def run_pipeline(
         if own_tracker:
             tracker.close(status)
     _print_where(ctx, console)
+    n_failed = int(ctx.results.get("failed_slides") or 0)
+    if n_failed:
+        from medwsol.errors import SlideError
+
+        raise SlideError(f"{n_failed} slide(s) failed (the others finished); see {ctx.slides_dir / 'slides.csv'} "
+                         "for each error; fix: correct or remove those slides and re-run (finished ones are skipped)")
     return ctx
 
 
