@@ -370,6 +370,7 @@ def test_per_image_f1_and_iou_match_sklearn(seed):
     assert result["n_images"] == len(maps)
     for key, values in expected.items():
         assert result[key] == pytest.approx(np.mean(values), abs=1e-12)
+        assert getattr(acc, key) == result[key]
 
 
 def test_per_image_dice_matches_monai_per_image():
