@@ -185,7 +185,14 @@ class MLflowTracker:
 
     # -- models ----------------------------------------------------------------------------------
     def log_model(self, model: Any, name: str, example: Any) -> str | None:
-        """Log a torch model (pickle serialisation, so any tile size works); return its URI."""
+        """Log a torch model (pickle serialisation, so any tile size works); return its URI.
+
+        Load it back with ``mlflow.pytorch.load_model`` (what ``--model models:/...`` does): the
+        module returns a ``WSOLOutput``, which MLflow's generic pyfunc serving cannot convert, so
+        MLflow's serving-example check is silenced rather than printing a misleading warning.
+        """
+        import logging
+
         import mlflow
         import mlflow.pytorch
         import numpy as np
@@ -200,8 +207,24 @@ class MLflowTracker:
 
         reqs = [f"torch=={torch.__version__.split('+')[0]}", "monai", "medwsol"]
         mlflow.set_tracking_uri(self.uri)
+        quiet = [logging.getLogger(n) for n in ("mlflow.models.model", "mlflow.pytorch")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        try:
+            info = self._log_model(mlflow, model, name, signature, example, reqs)
+        finally:
+            for lg, lv in zip(quiet, levels):
+                lg.setLevel(lv)
+        # keep the run open for the remaining stages
+        self.client.update_run(self.run_id, status="RUNNING")
+        return info.model_uri
+
+    def _log_model(self, mlflow, model, name, signature, example, reqs):
+        import numpy as np
+
         with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pytorch.log_model(
+            return mlflow.pytorch.log_model(
                 model,
                 name=name,
                 serialization_format="pickle",
@@ -209,9 +232,6 @@ class MLflowTracker:
                 input_example=np.asarray(example, dtype=np.float32),
                 pip_requirements=reqs,
             )
-        # keep the run open for the remaining stages
-        self.client.update_run(self.run_id, status="RUNNING")
-        return info.model_uri
 
     def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool) -> dict:
         """Register a new version; move the champion alias only if ``value`` beats the champion's."""
