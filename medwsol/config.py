@@ -171,6 +171,9 @@ class TrainConfig(Section):
     select_metric: Literal["val_error", "val_loss", "valpx_miou", "valpx_pxap", "last"] = "val_error"
     patience: int | None = Field(None, ge=1, description="early stopping after this many epochs without improvement")
     deterministic: bool = True
+    stop_after: int | None = Field(
+        None, ge=1, description="stop this invocation after N epochs (time-boxed jobs); continue with --resume"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
 
 

@@ -177,18 +177,24 @@ def run_pipeline(
 
     console = Console(stderr=True)
     stages = sorted(stages or list(cfg.stages), key=STAGES.index)
+    existed = run_dir is not None and run_dir.exists()
     rd = resolve_run_dir(cfg, run_dir, stages, model)
-    dump = cfg.model_dump(mode="json")
-    write_text(rd / "config.yaml", yaml.safe_dump(dump, sort_keys=False))
     own_tracker = tracker is None
     if tracker is None:
         from medwsol.tracking import make_tracker
 
         id_file = rd / "mlflow_run_id"
         old_id = id_file.read_text().strip() if id_file.is_file() else None
-        tracker = make_tracker(cfg.tracking, run_name=f"{cfg.name}/{rd.name}", run_id=old_id)
+        try:  # reach the tracking store before any work; a failure leaves no new run dir behind
+            tracker = make_tracker(cfg.tracking, run_name=f"{cfg.name}/{rd.name}", run_id=old_id)
+        except BaseException:
+            if not existed and not any(rd.iterdir()):
+                rd.rmdir()
+            raise
         if tracker.run_id:
             write_text(id_file, tracker.run_id)
+    dump = cfg.model_dump(mode="json")
+    write_text(rd / "config.yaml", yaml.safe_dump(dump, sort_keys=False))
     ctx = RunContext(cfg=cfg, run_dir=rd, tracker=tracker, resume=resume, model_ref=model)
     tracker.log_params(flatten(dump))
     tracker.set_tags({"pipeline": cfg.name, "run_dir": str(rd), "stages": ",".join(stages)})

@@ -73,7 +73,7 @@ _FIXES = {
     "size": "masks must have their image's width and height",
     "split": "split is train, valid or test (or empty on every row so that prepare assigns it)",
     "valpx": "valpx is 0 or 1, and 1 only on valid rows that have a mask",
-    "empty": "fill in the image path",
+    "empty": "give every line an image path",
 }
 
 
@@ -155,7 +155,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the manifest is empty; fix: add a header line {', '.join(REQUIRED_COLUMNS)}") from None
+        header = ", ".join(REQUIRED_COLUMNS)
+        raise DataError(f"{path}: the manifest is empty; fix: add a header line {header}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         msg = str(err).strip().splitlines()[0]
         raise DataError(f"{path}: not a readable CSV ({msg}); fix: save it as comma-separated UTF-8") from None
@@ -166,7 +167,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def _resolve(folder: Path, rel: str) -> Path:
     p = Path(rel).expanduser()
-    return p if p.is_absolute() else folder / p
+    return Path(os.path.normpath(p if p.is_absolute() else folder / p))
 
 
 def load_manifest(path: str | os.PathLike[str], classes: list[str], require_split: bool = True) -> pd.DataFrame:
@@ -208,6 +209,8 @@ def load_manifest(path: str | os.PathLike[str], classes: list[str], require_spli
     missing = [c for c in required if c not in df.columns]
     if missing:
         problems.append((f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}", "columns"))
+    elif len(df) == 0:
+        problems.append(("no image is listed", "empty"))
     for col in REQUIRED_COLUMNS + ("valpx",):
         if col not in df.columns:
             df[col] = ""

@@ -242,6 +242,10 @@ def train(ctx) -> dict[str, Any]:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("val", "train_total")))
             progress.console.print(f"epoch {epoch + 1}: {shown}{'  [green]best[/]' if improved else ''}")
+            if tc.stop_after and epoch + 1 - start_epoch >= tc.stop_after and epoch + 1 < tc.epochs:
+                progress.console.print(f"stopping after {tc.stop_after} epoch(s) (train.stop_after); "
+                                       "continue with --resume")
+                return {"stopped_after": epoch + 1, "best_checkpoint": str(best_path)}
             if tc.patience and stale >= tc.patience:
                 progress.console.print(f"early stopping: no improvement of {tc.select_metric} for {stale} epochs")
                 stopped_early = True
