@@ -51,9 +51,9 @@ class Section(BaseModel):
 class SyntheticConfig(Section):
     """The built-in H&E-like gland dataset (``data.source: synthetic``)."""
 
-    n_images: int = Field(120, ge=8, description="images in all (half benign, half malignant)")
+    n_images: int = Field(120, ge=12, description="images in all (half benign, half malignant)")
     size: int = Field(192, ge=64, le=2048, description="square image side in pixels")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     valid_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.3, gt=0, lt=0.6)
     n_valpx: int = Field(6, ge=2, description="pixel-labelled validation images (half per class)")
@@ -99,7 +99,7 @@ class DataConfig(Section):
 
     source: Literal["synthetic", "glas", "manifest", "slides"] = "synthetic"
     root: Path | None = Field(None, description="GlaS: the unzipped 'Warwick QU Dataset (Released ...)' folder")
-    manifest: Path = Field(Path("data/manifest.csv"), description="written by prepare, read by train/evaluate")
+    manifest: Path = Field(Path("data/synthetic/manifest.csv"), description="written by prepare, read by train/evaluate")
     classes: list[str] = Field(default_factory=lambda: ["benign", "malignant"], min_length=2)
     synthetic: SyntheticConfig = SyntheticConfig()
     tiles: SlideTilesConfig = SlideTilesConfig()
@@ -166,6 +166,13 @@ class TrainConfig(Section):
         "auto", description="auto: bf16/fp16 on CUDA, off on CPU; bf16 on CPU is opt-in"
     )
     channels_last: bool = True
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (and `on` as true)
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
     grad_clip: float | None = Field(5.0, gt=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     select_metric: Literal["val_error", "val_loss", "valpx_miou", "valpx_pxap", "last"] = "val_error"
