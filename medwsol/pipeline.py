@@ -122,7 +122,9 @@ def stage_prepare(ctx: RunContext) -> None:
             cohort = d.manifest.parent.with_name(d.manifest.parent.name + "_cohort")
             slides_csv = make_synthetic_slide_cohort(cohort, t.synthetic)
             ann = Path(slides_csv).parent / "annotations" if ann is None else ann
-        prepare_slide_tiles(slides_csv, ann, d.manifest.parent, t, d.classes, cfg.seed)
+        prepare_slide_tiles(slides_csv, ann, d.manifest.parent, t, d.classes, cfg.seed,
+                            manifest_name=d.manifest.name, n_valpx=d.synthetic.n_valpx, n_folds=d.n_folds,
+                            progress=True)
     ctx.results["manifest"] = d.manifest
 
 
