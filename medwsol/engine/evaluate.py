@@ -87,6 +87,13 @@ def predict(model, loader, device: torch.device, dtype=None, channels_last: bool
         b = to_device(batch, device, channels_last)
         with autocast(device, dtype):
             out = model(b["image"])
+        if not (torch.isfinite(out.weight_map).all() and torch.isfinite(out.logits).all()):
+            from medwsol.errors import TrainingError
+
+            raise TrainingError(
+                f"the model produced NaN/inf outputs (first batch: {batch['name'][0]}); the weights diverged; "
+                "fix: use an earlier checkpoint, lower train.lr or enable train.grad_clip"
+            )
         probs = F.softmax(out.logits.float(), dim=1).cpu().numpy()
         maps = out.weight_map.float().clamp(0, 1).cpu().numpy()[:, 0]
         masks = batch.get("mask")

@@ -216,6 +216,13 @@ def train(ctx) -> dict[str, Any]:
                 nimg += int(b["image"].shape[0])
                 progress.update(task, advance=1, loss=sums["total"] / nb, ips=nimg / (time.perf_counter() - t0))
             train_seconds = time.perf_counter() - t0
+            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise TrainingError(
+                    f"weights became NaN/inf at epoch {epoch + 1} (first: {bad[0]}; the loss diverged); the last good "
+                    f"checkpoint is {last_path if last_path.is_file() else 'not written yet'}; fix: lower train.lr, "
+                    "enable train.grad_clip or turn off train.amp"
+                )
             sched.step()
             model.on_epoch_end(epoch)
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
