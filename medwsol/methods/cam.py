@@ -10,10 +10,9 @@ Weight map: the class map of the predicted class (``params.map_class =
 "predicted"``) or, when ``map_class="label"`` and ``forward`` receives
 ``labels``, of the true class. Following the WSOL evaluation code of Choe et
 al. (CVPR 2020), no ReLU is applied: the map is min-max normalised per image
-(so the weakest position is 0 and the strongest 1), then upsampled bilinearly
-to the input size (bilinear interpolation of values in [0, 1] stays in [0, 1]).
-Normalising before upsampling gives the same map as the reverse order up to
-interpolation overshoot, and is cheaper on large tiles.
+after bilinear upsampling to the input size (the order of Choe et al.'s
+code), so that in every image the weakest pixel is exactly 0 and the strongest
+exactly 1.
 
 Training loss: cross-entropy of the logits with the image label (in float32,
 so it is safe under autocast).
@@ -115,7 +114,7 @@ class CAM(WSOLMethod):
         logits = cams.mean(dim=(2, 3))
         target = self._target(logits, labels)
         chosen = cams.gather(1, target.view(-1, 1, 1, 1).expand(-1, 1, *cams.shape[2:]))
-        weight_map = upsample_to(normalize_map(chosen), tuple(x.shape[-2:])).clamp(0, 1)
+        weight_map = normalize_map(upsample_to(chosen, tuple(x.shape[-2:])))
         return WSOLOutput(logits=logits, weight_map=weight_map, extras={"class_maps": cams})
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

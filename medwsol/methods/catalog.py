@@ -62,6 +62,9 @@ class MinMaxParams(_Strict):
     bg_loss: bool = Field(True, description="CE of classifier(X-) towards the uniform distribution")
     loc_loss: bool = Field(True, description="CE of the localizer's own class scores")
     bg_weight: float = Field(1.0, ge=0)
+    detach_mask: bool = Field(
+        False, description="stop the fg/bg gradients from reaching the localizer (as the public 2019 code does)"
+    )
     erase_steps: int = Field(0, ge=0, description="recursive erasing steps u (paper: 4; 0 disables)")
     size_constraints: bool = Field(False, description="TMI absolute size constraints via extended log-barrier")
     size_min_fraction: float = Field(0.05, gt=0, lt=0.5, description="fg and bg must each cover at least this fraction")
@@ -70,24 +73,37 @@ class MinMaxParams(_Strict):
     barrier_tmax: float = Field(10.0, gt=0)
     size_weight: float = Field(1.0, ge=0)
 
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if not (self.fg_loss or self.bg_loss or self.loc_loss):
+            raise ValueError("every loss term is off; fix: enable at least one of fg_loss, bg_loss, loc_loss")
+        return self
+
 
 class _WeightMapCommon(_Strict):
     unet_features: tuple[int, int, int, int, int, int] = Field(
-        (16, 32, 64, 128, 256, 16), description="MONAI BasicUNet feature widths of the generator"
+        (16, 32, 64, 128, 256, 16), description="MONAI BasicUNet feature widths of the generator (6 positive ints)"
     )
     classifier: Literal["joint", "frozen"] = Field(
         "joint", description="train the classifier with the generator, or load it pre-trained and freeze it"
     )
-    classifier_checkpoint: str | None = Field(None, description="checkpoint of a trained `cam` model (classifier=frozen)")
-    area_weight: float = Field(0.3, ge=0, description="weight of the mean-area penalty on W")
+    classifier_checkpoint: str | None = Field(
+        None, description="checkpoint of a trained `cam` (or `gradcam`) model, same backbone and classes (frozen)"
+    )
+    area_weight: float = Field(1.0, ge=0, description="weight of the mean-area penalty on W (the cure for W = 1)")
     area_target: float = Field(0.0, ge=0, lt=1, description="penalise mean(W) above this fraction only")
-    tv_weight: float = Field(0.0, ge=0, description="total-variation smoothness of W")
-    cls_weight: float = Field(1.0, ge=0, description="weight of the classifier's CE on the plain image")
+    tv_weight: float = Field(0.3, ge=0, description="total-variation smoothness of W (stops striped adversarial maps)")
+    cls_weight: float = Field(1.0, ge=0, description="weight of the classifier's CE on the plain image (joint only)")
 
     @model_validator(mode="after")
-    def _frozen_needs_checkpoint(self):
+    def _check_common(self):
+        if any(int(c) < 1 for c in self.unet_features):
+            raise ValueError(f"unet_features {tuple(self.unet_features)} has a width < 1; fix: use 6 positive ints")
         if self.classifier == "frozen" and not self.classifier_checkpoint:
             raise ValueError("classifier=frozen needs classifier_checkpoint; fix: set it or use classifier=joint")
+        if self.classifier == "joint" and self.cls_weight == 0:
+            raise ValueError("classifier=joint with cls_weight=0 never trains the classifier; "
+                             "fix: set cls_weight > 0 or use classifier=frozen with a cam checkpoint")
         return self
 
 
@@ -95,14 +111,25 @@ class WeightMapCEParams(_WeightMapCommon):
     """Learned weight map, classifier-based (Shaharabany & Wolf 2021, method B1)."""
 
     ce_weight: float = Field(1.0, ge=0, description="CE of f(I*W) with the label")
-    embed_weight: float = Field(1.0, ge=0, description="distance between f's embeddings of I and I*W")
+    embed_weight: float = Field(
+        1.0, ge=0, description="squared distance between f's L2-normalised embeddings of I and I*W"
+    )
+
+    @model_validator(mode="after")
+    def _some_consistency_term(self):
+        if self.ce_weight == 0 and self.embed_weight == 0:
+            raise ValueError("ce_weight and embed_weight are both 0, so nothing tells W what to keep; "
+                             "fix: set at least one > 0")
+        return self
 
 
 class WeightMapTripletParams(_WeightMapCommon):
     """Learned weight map, Siamese triplets (Shaharabany & Wolf 2021, method B2)."""
 
-    margin_fg: float = Field(1.0, gt=0, description="margin of triplet (image, foreground, background)")
-    margin_class: float = Field(1.0, gt=0, description="margin of triplet (fg, fg same class, fg other class)")
+    area_weight: float = Field(0.3, ge=0, description="weight of the mean-area penalty on W (1.0 collapses W here)")
+    margin_fg: float = Field(0.5, gt=0, description="margin of triplet (image, foreground, background); "
+                             "embeddings are L2-normalised, distances in [0, 2]")
+    margin_class: float = Field(0.5, gt=0, description="margin of triplet (fg, fg same class, fg other class)")
     class_weight: float = Field(1.0, ge=0, description="weight of the class-wise triplet loss")
 
 

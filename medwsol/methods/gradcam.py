@@ -7,7 +7,7 @@ differs: with ``A`` the last feature map and ``y_c`` the score of the predicted
 
     alpha_k = mean_{i,j} d y_c / d A_k[i, j],    map = ReLU(sum_k alpha_k A_k),
 
-then min-max normalised per image and bilinearly upsampled to the input size.
+then bilinearly upsampled to the input size and min-max normalised per image.
 
 On this architecture (GAP + linear), alpha_k = w_{c,k} / (h w), so Grad-CAM is
 CAM with a ReLU (Grad-CAM's paper shows it generalises CAM); the gradient is
@@ -72,5 +72,5 @@ class GradCAM(CAM):
         logits = cams.mean(dim=(2, 3))
         target = self._target(logits, labels)
         cam = self.gradcam(feats, target)
-        weight_map = upsample_to(normalize_map(cam), tuple(x.shape[-2:])).clamp(0, 1)
+        weight_map = normalize_map(upsample_to(cam, tuple(x.shape[-2:])))
         return WSOLOutput(logits=logits, weight_map=weight_map, extras={"class_maps": cams, "gradcam": cam})

@@ -1,0 +1,620 @@
+"""Whole-slide inference: tissue mask, tile grid at an explicit mpp, batched inference, stitching.
+
+Per-slide output contract (the exporters depend on it)
+======================================================
+
+``infer_slide`` writes one folder per slide, ``<out_dir>/<slide stem>/``, built in a temporary
+folder beside it and renamed into place at the end (a folder that exists is complete)::
+
+    meta.json      what everything below means (keys listed next)
+    heatmap.npy    float32 [H_out, W_out] in [0, 1]     (small slides: H_out * W_out <= disk_threshold_px)
+    coverage.npy   bool    [H_out, W_out]
+      -- or --
+    heatmap.zarr   zarr v3 array, float32 [H_out, W_out] (large slides; chunked, zstd)
+    coverage.zarr  zarr v3 array, bool    [H_out, W_out]
+    tiles.csv      one row per inferred tile
+
+* ``heatmap[r, c]`` is the mean of the model's weight maps (``WSOLOutput.weight_map``) of all tiles
+  covering heatmap pixel ``(r, c)`` (overlaps averaged: MONAI ``Merger`` contract), 0 where no tile
+  was inferred (background, no tissue). ``coverage[r, c]`` is True where at least one tile was.
+  Inside an inferred tile the value is the model's output even over background (not masked).
+* Heatmap pixel ``(r, c)`` covers level-0 pixels ``x in [c*k, (c+1)*k)``, ``y in [r*k, (r+1)*k)`` with
+  ``k = meta["level0_per_heatmap_px"] = heatmap_mpp / slide_mpp``; ``H_out = ceil(height / k)``,
+  ``W_out = ceil(width / k)``. Level-0 ``(x, y)`` of the centre of ``(r, c)``: ``((c + .5) k, (r + .5) k)``.
+* Read either format with ``load_heatmap(folder)`` or directly: ``np.load(p, mmap_mode="r")`` /
+  ``zarr.open_array(p, mode="r")`` (both slice as ``a[r0:r1, c0:c1]``; ``meta["heatmap"]`` and
+  ``meta["coverage"]`` name the files).
+* ``tiles.csv`` columns: ``x, y, w, h`` (level-0 px, top-left and size of the tile's footprint),
+  ``tissue`` (tissue fraction in [0, 1]), ``mean_weight`` (mean of the tile's weight map),
+  ``prob_<class>`` for each class (softmax of the logits), ``pred`` (class name of the argmax).
+* ``meta.json`` keys: ``format`` ("medwsol-slide-heatmap"), ``version`` (1), ``status`` ("ok" or
+  "empty"), ``slide`` (absolute path), ``name`` (stem), ``width``, ``height`` (level 0 px),
+  ``slide_mpp``, ``mpp_source`` ("openslide.mpp-x" | "objective-power" | "fallback"),
+  ``heatmap``, ``coverage`` (file names), ``heatmap_format`` ("npy" | "zarr"), ``heatmap_shape``
+  ([H_out, W_out]), ``heatmap_mpp``, ``level0_per_heatmap_px``, ``tile_size`` (px at
+  ``target_mpp``), ``overlap``, ``target_mpp``, ``level0_tile_size`` (float), ``tissue_mpp``,
+  ``min_tissue``, ``threshold`` (for binarising the heatmap), ``classes``, ``model`` (the model's
+  ``describe()`` when it has one), ``summary`` (the slides.csv row), ``created``.
+
+A slide with no tissue is written too (``status: "empty"``): all-zero heatmap, no coverage, a
+header-only tiles.csv.
+
+Example:
+    >>> from medwsol.config import SlidesConfig
+    >>> from medwsol.engine.infer import infer_cohort  # doctest: +SKIP
+    >>> df = infer_cohort(model, [Path("a.tif")], SlidesConfig(fallback_mpp=0.5), Path("out"),
+    ...                   "cpu", ["benign", "malignant"], 0.5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.inferers.merger import AvgMerger, Merger
+
+from medwsol.data.slides import open_slide, read_region_at_mpp, slide_mpp, tile_grid, tissue_mask
+from medwsol.engine.runtime import amp_dtype, autocast, select_device
+from medwsol.errors import MedwsolError, SlideError
+from medwsol.io import atomic_dir, atomic_path, write_json
+
+__all__ = [
+    "FORMAT",
+    "SUMMARY_COLUMNS",
+    "DISK_THRESHOLD_PX",
+    "SlideTileDataset",
+    "BandedZarrMerger",
+    "infer_slide",
+    "infer_cohort",
+    "load_heatmap",
+]
+
+FORMAT = "medwsol-slide-heatmap"
+SUMMARY_COLUMNS = ["slide", "status", "error", "tiles", "seconds", "tiles_per_s", "max_score", "mean_score", "outputs"]
+#: Heatmaps with more pixels than this are merged on disk (zarr) instead of in memory.
+DISK_THRESHOLD_PX = 4096 * 4096
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class SlideTileDataset(torch.utils.data.Dataset):
+    """Tiles of one slide at ``target_mpp``, read with OpenSlide; each worker opens the slide once.
+
+    Items are ``(uint8 [T, T, 3] RGB tensor, index)``; the main process converts to float on the
+    device (4x less to copy than float32).
+
+    Args:
+        slide_path: the slide file.
+        xy: int ``[N, 2]`` level-0 top-left ``(x, y)``.
+        tile_size: tile side at ``target_mpp``.
+        target_mpp: resolution the model sees.
+        base_mpp: the slide's level-0 mpp.
+    """
+
+    def __init__(self, slide_path: str | Path, xy: np.ndarray, tile_size: int, target_mpp: float, base_mpp: float):
+        self.path = str(slide_path)
+        self.xy = np.ascontiguousarray(xy, dtype=np.int64)
+        self.tile_size = int(tile_size)
+        self.target_mpp = float(target_mpp)
+        self.base_mpp = float(base_mpp)
+        self._slide = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def __getstate__(self) -> dict:  # never send an open slide handle to another process
+        state = self.__dict__.copy()
+        state["_slide"], state["_pid"] = None, None
+        return state
+
+    def _open(self):
+        if self._slide is None or self._pid != os.getpid():
+            self._slide = open_slide(self.path)
+            self._pid = os.getpid()
+        return self._slide
+
+    def __getitem__(self, i: int):
+        import openslide
+
+        x, y = (int(v) for v in self.xy[i])
+        try:
+            rgb = read_region_at_mpp(self._open(), x, y, self.tile_size, self.tile_size, self.target_mpp, self.base_mpp)
+        except openslide.OpenSlideError as err:
+            text = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise SlideError(
+                f"{self.path}: cannot decode the tile at level-0 (x={x}, y={y}) ({text}); "
+                "fix: the file is corrupt or truncated, re-copy or re-export it"
+            ) from None
+        return torch.from_numpy(rgb), i
+
+    def close(self) -> None:
+        if self._slide is not None and self._pid == os.getpid():
+            self._slide.close()
+        self._slide = None
+
+
+# ------------------------------------------------------------------------------------------- merger
+
+
+class BandedZarrMerger(Merger):
+    """Average-merge 2-D patches into zarr arrays on disk, holding only a band of rows in memory.
+
+    Patches must arrive in non-decreasing row order (a row-major tile grid does that): rows above
+    the current patch's chunk row are final, so they are averaged and written as whole zarr chunks
+    (no read-modify-write of compressed chunks, which makes MONAI's ``ZarrAvgMerger`` cost ~10 ms a
+    patch). Memory: ``width x (patch height + 2 chunk rows)`` float32 + int32, whatever the height.
+
+    Args:
+        merged_shape: ``(..., H, W)`` of the accumulation grid (patches may reach its edge).
+        cropped_shape: ``(..., H, W)`` of the output (default: merged_shape).
+        store: folder of the output zarr array (float32 averaged values, 0 where uncovered).
+        coverage_store: folder of a bool zarr array of covered pixels (None: not written).
+        chunks: zarr chunk side.
+        device: unused (values are accumulated on the CPU).
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from medwsol.engine.infer import BandedZarrMerger
+        >>> d = tempfile.mkdtemp()
+        >>> m = BandedZarrMerger((1, 1, 6, 6), store=os.path.join(d, "h.zarr"), chunks=2)
+        >>> m.aggregate(torch.ones(1, 1, 4, 4), (0, 0)); m.aggregate(torch.zeros(1, 1, 4, 4), (2, 2))
+        >>> m.finalize()[:].round(2).tolist()[2]
+        [1.0, 1.0, 0.5, 0.5, 0.0, 0.0]
+    """
+
+    def __init__(
+        self,
+        merged_shape: Sequence[int],
+        cropped_shape: Sequence[int] | None = None,
+        store: str | Path = "heatmap.zarr",
+        coverage_store: str | Path | None = None,
+        chunks: int = 512,
+        device: str | None = "cpu",
+    ) -> None:
+        import zarr
+
+        super().__init__(merged_shape=merged_shape, cropped_shape=cropped_shape, device=device)
+        self.height, self.width = (int(v) for v in self.merged_shape[-2:])
+        self.out_h, self.out_w = (int(v) for v in self.cropped_shape[-2:])
+        self.chunk = int(chunks)
+        ch = (min(self.chunk, max(1, self.out_h)), min(self.chunk, max(1, self.out_w)))
+        self.output = zarr.create_array(
+            store=str(store), shape=(self.out_h, self.out_w), chunks=ch, dtype="float32", fill_value=0.0, overwrite=True
+        )
+        self.coverage = None
+        if coverage_store is not None:
+            self.coverage = zarr.create_array(
+                store=str(coverage_store), shape=(self.out_h, self.out_w), chunks=ch, dtype="bool", fill_value=False,
+                overwrite=True,
+            )
+        self._top = 0  # first row held in the band; rows above are written
+        self._values = np.zeros((2 * self.chunk, self.width), np.float32)
+        self._counts = np.zeros((2 * self.chunk, self.width), np.int32)
+        self.max_value = 0.0
+        self.sum_value = 0.0
+        self.n_covered = 0
+
+    def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
+        """Add one patch ``[1, 1, h, w]`` (or ``[h, w]``) at ``location = (row, col)`` (its top-left)."""
+        if self.is_finalized:
+            raise ValueError("BandedZarrMerger is already finalized; create a new one to aggregate")
+        v = values.detach().to("cpu", torch.float32).numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        if v.ndim > 2:
+            if int(np.prod(v.shape[:-2])) != 1:
+                raise ValueError(f"BandedZarrMerger merges one single-channel patch at a time, got shape {v.shape}")
+            v = v.reshape(v.shape[-2:])
+        r, c = int(location[-2]), int(location[-1])
+        h, w = v.shape
+        if r < self._top:
+            raise ValueError(
+                f"patch at row {r} arrived after rows < {self._top} were written; "
+                "aggregate patches in non-decreasing row order"
+            )
+        r1, c1 = min(r + h, self.height), min(c + w, self.width)
+        v = v[: r1 - r, : c1 - c]
+        new_top = (r // self.chunk) * self.chunk
+        if new_top > self._top:
+            self._flush(new_top)
+        need = r1 - self._top
+        if need > self._values.shape[0]:
+            rows = self.chunk * math.ceil(need / self.chunk) + self.chunk
+            self._values = np.concatenate([self._values, np.zeros((rows - len(self._values), self.width), np.float32)])
+            self._counts = np.concatenate([self._counts, np.zeros((rows - len(self._counts), self.width), np.int32)])
+        self._values[r - self._top : r1 - self._top, c:c1] += v
+        self._counts[r - self._top : r1 - self._top, c:c1] += 1
+
+    def _flush(self, upto: int) -> None:
+        """Average and write rows ``[top, upto)`` (rows past the band were never touched: 0); shift the band."""
+        n = upto - self._top
+        nb = min(n, len(self._values))
+        vals, cnt = self._values[:nb], self._counts[:nb]
+        covered = cnt > 0
+        r0, r1 = self._top, min(self._top + nb, self.out_h)
+        if r1 > r0 and covered.any():
+            np.divide(vals, cnt, out=vals, where=covered)  # in place: uncovered values are 0 already
+            out, cov = vals[: r1 - r0, : self.out_w], covered[: r1 - r0, : self.out_w]
+            self.output[r0:r1, :] = out
+            if self.coverage is not None:
+                self.coverage[r0:r1, :] = cov
+            self.max_value = max(self.max_value, float(out.max(initial=0.0)))
+            self.sum_value += float(out.sum(dtype=np.float64))
+            self.n_covered += int(np.count_nonzero(cov))
+        keep = len(self._values) - nb
+        if keep > 0:
+            self._values[:keep] = self._values[nb:]
+            self._counts[:keep] = self._counts[nb:]
+        self._values[keep:] = 0
+        self._counts[keep:] = 0
+        self._top = upto
+
+    def finalize(self):
+        """Write the remaining rows; return the output zarr array (``coverage`` holds the bool array)."""
+        if not self.is_finalized:
+            while self._top < self.out_h:
+                self._flush(min(self._top + len(self._values), self.out_h))
+            self.is_finalized = True
+            self._values = self._counts = None  # release the band
+        return self.output
+
+    def get_output(self):
+        return self.output
+
+
+class _MemoryMerger:
+    """MONAI ``AvgMerger`` (in memory) plus coverage and score statistics."""
+
+    def __init__(self, merged: tuple[int, int], cropped: tuple[int, int]):
+        # int32 counts: MONAI's uint8 default overflows past 255 overlapping tiles.
+        self.merger = AvgMerger(merged_shape=(1, 1, *merged), cropped_shape=(1, 1, *cropped), count_dtype=torch.int32)
+        self.cropped = cropped
+
+    def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
+        self.merger.aggregate(values, location)
+
+    def finish(self, folder: Path) -> tuple[str, dict[str, Any]]:
+        h, w = self.cropped
+        coverage = (self.merger.get_counts()[0, 0, :h, :w] > 0).numpy()
+        heat = torch.nan_to_num(self.merger.finalize()[0, 0], nan=0.0).clamp_(0, 1).numpy().astype(np.float32)
+        with atomic_path(folder / "heatmap.npy") as tmp:
+            np.save(tmp, heat, allow_pickle=False)
+        with atomic_path(folder / "coverage.npy") as tmp:
+            np.save(tmp, coverage, allow_pickle=False)
+        vals = heat[coverage]
+        stats = {"max": float(vals.max()) if vals.size else 0.0, "mean": float(vals.mean()) if vals.size else 0.0}
+        return "npy", stats
+
+
+class _DiskMerger:
+    def __init__(self, merged: tuple[int, int], cropped: tuple[int, int], folder: Path):
+        self.merger = BandedZarrMerger(
+            (1, 1, *merged), (1, 1, *cropped), store=folder / "heatmap.zarr", coverage_store=folder / "coverage.zarr"
+        )
+
+    def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
+        self.merger.aggregate(values, location)
+
+    def finish(self, folder: Path) -> tuple[str, dict[str, Any]]:
+        m = self.merger
+        m.finalize()
+        mean = m.sum_value / m.n_covered if m.n_covered else 0.0
+        return "zarr", {"max": m.max_value, "mean": mean}
+
+
+def load_heatmap(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Open a slide's outputs: ``(heatmap, coverage, meta)``; arrays are memory-mapped npy or zarr.
+
+    Example:
+        >>> from medwsol.engine.infer import load_heatmap
+        >>> heat, cov, meta = load_heatmap("runs/x/slides/slide1")  # doctest: +SKIP
+        >>> heat[0:10, 0:10].shape  # doctest: +SKIP
+        (10, 10)
+    """
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise SlideError(f"{folder}: no meta.json (not a finished slide output); fix: run the infer stage first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("heatmap_format") == "zarr":
+        import zarr
+
+        return zarr.open_array(str(folder / meta["heatmap"]), mode="r"), zarr.open_array(
+            str(folder / meta["coverage"]), mode="r"
+        ), meta
+    return np.load(folder / meta["heatmap"], mmap_mode="r"), np.load(folder / meta["coverage"], mmap_mode="r"), meta
+
+
+# ---------------------------------------------------------------------------------------- inference
+
+
+def _one_line(err: BaseException) -> str:
+    """A one-line message for the summary (worker tracebacks reduced to their last line)."""
+    text = str(err).strip()
+    if "DataLoader worker" in text and "Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    line = text.splitlines()[0] if text else ""
+    if isinstance(err, MedwsolError):
+        return line
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.1f} tiles/s" if speed else "   ... tiles/s")
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=False,
+    )
+
+
+def _row(slide: Path, status: str, out: Path | str = "", error: str = "", tiles: int = 0, seconds: float = 0.0,
+         max_score: float = float("nan"), mean_score: float = float("nan")) -> dict[str, Any]:
+    return {
+        "slide": str(slide), "status": status, "error": error, "tiles": int(tiles), "seconds": round(float(seconds), 3),
+        "tiles_per_s": round(tiles / seconds, 2) if seconds > 0 and tiles else 0.0,
+        "max_score": max_score, "mean_score": mean_score, "outputs": str(out),
+    }
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else select_device(str(device))
+
+
+def infer_slide(
+    model: torch.nn.Module,
+    slide_path: str | Path,
+    cfg_slides,
+    out_dir: str | Path,
+    device: str | torch.device,
+    classes: Sequence[str],
+    threshold: float | None,
+    progress: bool = True,
+    amp: str = "auto",
+    disk_threshold_px: int = DISK_THRESHOLD_PX,
+) -> dict[str, Any]:
+    """Infer one slide and write ``<out_dir>/<slide stem>/`` (see the module docstring).
+
+    Args:
+        model: a ``WSOLMethod`` (any module returning ``WSOLOutput``); moved to ``device``, set to eval.
+        slide_path: the slide file.
+        cfg_slides: a ``SlidesConfig`` (target_mpp, tile_size, overlap, min_tissue, tissue_mpp,
+            output_mpp, batch_size, num_workers, fallback_mpp, overwrite).
+        out_dir: root folder of the per-slide folders.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+        classes: class names, in the order of the model's logits.
+        threshold: heatmap threshold recorded for the exporters (None: 0.5).
+        progress: show a rich progress bar with tiles/s.
+        amp: ``"auto"`` (bf16/fp16 autocast on CUDA, none on CPU), ``"bf16"`` (also on CPU), ``"fp16"``, ``"off"``.
+        disk_threshold_px: heatmaps with more pixels are merged into zarr on disk.
+
+    Returns:
+        The slides.csv row: slide, status ("ok", "empty" or "skipped"), error, tiles, seconds,
+        tiles_per_s, max_score, mean_score (over covered heatmap pixels), outputs.
+
+    Raises:
+        SlideError: the slide cannot be opened or read, or has no pixel size and no fallback.
+    """
+    t_start = time.perf_counter()
+    cfg = cfg_slides
+    slide_path = Path(slide_path)
+    out = Path(out_dir) / slide_path.stem
+    classes = list(classes)
+    if (out / "meta.json").is_file() and not cfg.overwrite:
+        meta = json.loads((out / "meta.json").read_text())
+        s = meta.get("summary", {})
+        return _row(slide_path, "skipped", out, tiles=s.get("tiles", 0), seconds=0.0,
+                    max_score=s.get("max_score", float("nan")), mean_score=s.get("mean_score", float("nan")))
+    dev = _as_device(device)
+
+    slide = open_slide(slide_path)
+    try:
+        base_mpp, mpp_source = slide_mpp(slide, cfg.fallback_mpp)
+        w0, h0 = (int(v) for v in slide.dimensions)
+        mask, mask_mpp = tissue_mask(slide, mpp=cfg.tissue_mpp, base_mpp=base_mpp)
+    finally:
+        slide.close()
+    xy, frac = tile_grid((w0, h0), base_mpp, cfg.target_mpp, cfg.tile_size, cfg.overlap, mask, mask_mpp,
+                         cfg.min_tissue, return_fraction=True)
+
+    # Heatmap geometry; level-0 (x, y) -> heatmap (row, col) happens here only.
+    k = cfg.output_mpp / base_mpp  # level-0 px per heatmap px
+    tile0 = cfg.tile_size * cfg.target_mpp / base_mpp  # tile side in level-0 px
+    out_h, out_w = max(1, math.ceil(h0 / k - 1e-9)), max(1, math.ceil(w0 / k - 1e-9))
+    c0 = np.floor(xy[:, 0] / k + 0.5).astype(np.int64)
+    r0 = np.floor(xy[:, 1] / k + 0.5).astype(np.int64)
+    c1 = np.maximum(c0 + 1, np.floor((xy[:, 0] + tile0) / k + 0.5).astype(np.int64))
+    r1 = np.maximum(r0 + 1, np.floor((xy[:, 1] + tile0) / k + 0.5).astype(np.int64))
+    merged = (max(out_h, int(r1.max(initial=0))), max(out_w, int(c1.max(initial=0))))
+
+    n = len(xy)
+    probs = np.full((n, len(classes)), np.nan, np.float32)
+    mean_w = np.full(n, np.nan, np.float32)
+    meta: dict[str, Any] = {
+        "format": FORMAT, "version": 1, "slide": str(slide_path.resolve()), "name": slide_path.stem,
+        "width": w0, "height": h0, "slide_mpp": base_mpp, "mpp_source": mpp_source,
+        "heatmap_shape": [out_h, out_w], "heatmap_mpp": float(cfg.output_mpp), "level0_per_heatmap_px": float(k),
+        "tile_size": int(cfg.tile_size), "overlap": int(cfg.overlap), "target_mpp": float(cfg.target_mpp),
+        "level0_tile_size": float(tile0), "tissue_mpp": float(mask_mpp), "min_tissue": float(cfg.min_tissue),
+        "threshold": float(threshold if threshold is not None else 0.5), "classes": classes,
+        "model": model.describe() if hasattr(model, "describe") else {"class": type(model).__name__},
+    }
+
+    with atomic_dir(out) as tmp:
+        if out_h * out_w > disk_threshold_px:
+            sink: _MemoryMerger | _DiskMerger = _DiskMerger(merged, (out_h, out_w), tmp)
+        else:
+            sink = _MemoryMerger(merged, (out_h, out_w))
+        if n == 0:
+            warnings.warn(f"{slide_path}: no tissue found (tissue_mpp={cfg.tissue_mpp}, min_tissue={cfg.min_tissue}); "
+                          "writing empty outputs", stacklevel=2)
+        else:
+            _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, (r0, c0, r1, c1), sink, probs,
+                       mean_w, progress)
+        fmt, stats = sink.finish(tmp)
+        meta.update(heatmap_format=fmt, heatmap=f"heatmap.{fmt}", coverage=f"coverage.{fmt}")
+        tiles = pd.DataFrame({
+            "x": xy[:, 0], "y": xy[:, 1], "w": np.full(n, round(tile0), np.int64), "h": np.full(n, round(tile0), np.int64),
+            "tissue": np.round(frac, 4), "mean_weight": mean_w,
+            **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)},
+            "pred": [classes[i] for i in np.argmax(np.nan_to_num(probs, nan=-1), 1)] if n else [],
+        })
+        tiles.to_csv(tmp / "tiles.csv", index=False, float_format="%.6g")
+        seconds = time.perf_counter() - t_start
+        status = "ok" if n else "empty"
+        row = _row(slide_path, status, out, tiles=n, seconds=seconds,
+                   max_score=round(stats["max"], 6) if n else 0.0, mean_score=round(stats["mean"], 6) if n else 0.0)
+        meta.update(status=status, summary=row, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        write_json(tmp / "meta.json", meta)
+    return row
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, sink, probs, mean_w, progress) -> None:
+    """Batched inference with a prefetching DataLoader; stitches each tile's map into ``sink``."""
+    r0, c0, r1, c1 = boxes
+    ds = SlideTileDataset(slide_path, xy, cfg.tile_size, cfg.target_mpp, base_mpp)
+    nw = int(cfg.num_workers)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=int(cfg.batch_size), shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda",
+        worker_init_fn=_worker_init if nw else None, prefetch_factor=4 if nw else None, persistent_workers=False,
+    )
+    dtype = amp_dtype(dev, amp)
+    model.to(dev).eval()
+    try:
+        with _progress(progress) as bar, torch.inference_mode():
+            task = bar.add_task(slide_path.name[:40], total=len(ds))
+            for imgs, idx in loader:
+                x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+                with autocast(dev, dtype):
+                    res = model(x)
+                wm = res.weight_map.float().clamp_(0, 1)
+                logits = res.logits.float()
+                if logits.shape[1] != len(classes):
+                    raise SlideError(
+                        f"{slide_path}: the model outputs {logits.shape[1]} classes but classes has {len(classes)} "
+                        f"({classes}); fix: set data.classes to the model's classes"
+                    )
+                idx = idx.numpy()
+                probs[idx] = logits.softmax(1).cpu().numpy()
+                mean_w[idx] = wm.mean(dim=(1, 2, 3)).cpu().numpy()
+                hs, ws = r1[idx] - r0[idx], c1[idx] - c0[idx]
+                small: list[torch.Tensor | None] = [None] * len(idx)
+                for bh, bw in set(zip(hs.tolist(), ws.tolist())):
+                    sel = np.nonzero((hs == bh) & (ws == bw))[0]
+                    part = wm[torch.as_tensor(sel, device=wm.device)]
+                    mh, mw = part.shape[-2:]
+                    if (bh, bw) != (mh, mw):
+                        mode = "area" if bh <= mh and bw <= mw else "bilinear"
+                        part = F.interpolate(part, size=(bh, bw), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+                    part = part.cpu()
+                    for j, s in enumerate(sel):
+                        small[s] = part[j : j + 1]
+                for j, i in enumerate(idx):  # grid order: rows never go back (BandedZarrMerger needs it)
+                    sink.aggregate(small[j], (int(r0[i]), int(c0[i])))
+                bar.advance(task, len(idx))
+    finally:
+        ds.close()
+
+
+def infer_cohort(
+    model: torch.nn.Module,
+    slides: Sequence[str | Path],
+    cfg_slides,
+    out_root: str | Path,
+    device: str | torch.device,
+    classes: Sequence[str],
+    threshold: float | None,
+    tracker=None,
+    progress: bool = True,
+    amp: str = "auto",
+    summary_csv: str | Path | None = None,
+) -> pd.DataFrame:
+    """Infer every slide; one failing slide is recorded with its error while the others finish.
+
+    Slides whose outputs exist are skipped unless ``cfg_slides.overwrite``. The summary is written
+    atomically to ``summary_csv`` (default ``<out_root>/slides.csv``) and returned.
+
+    Args:
+        model: the method (see :func:`infer_slide`).
+        slides: slide files.
+        cfg_slides: a ``SlidesConfig``.
+        out_root: folder of the per-slide folders.
+        device: see :func:`infer_slide`.
+        classes: class names in logit order.
+        threshold: heatmap threshold recorded in each meta.json (None: 0.5).
+        tracker: optional ``Tracker``; gets cohort metrics and slides.csv as an artifact.
+        progress: rich progress bars.
+        amp: see :func:`infer_slide`.
+        summary_csv: where to write the summary.
+
+    Returns:
+        DataFrame with columns slide, status ('ok'|'failed'|'skipped'|'empty'), error, tiles,
+        seconds, tiles_per_s, max_score, mean_score, outputs.
+
+    Example:
+        >>> from medwsol.engine.infer import infer_cohort  # doctest: +SKIP
+        >>> df = infer_cohort(model, slides, cfg.slides, run_dir / "slides", "auto", cfg.data.classes, 0.5)  # doctest: +SKIP
+        >>> df.status.tolist()  # doctest: +SKIP
+        ['ok', 'failed']
+    """
+    out_root = Path(out_root)
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for s in slides:
+        s = Path(s)
+        if s.stem in seen:
+            rows.append(_row(s, "failed", error=f"{s}: same name as {seen[s.stem]} (outputs would collide); "
+                             "fix: rename one of the slides"))
+            continue
+        seen[s.stem] = s
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                rows.append(infer_slide(model, s, cfg_slides, out_root, device, classes, threshold, progress=progress,
+                                        amp=amp))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - one slide must not stop the cohort
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                msg = f"{s}: CUDA out of memory; fix: lower slides.batch_size"
+            else:
+                msg = _one_line(err)
+                if not msg.startswith(str(s)):
+                    msg = f"{s}: {msg}"
+            warnings.warn(f"slide failed: {msg}", stacklevel=2)
+            rows.append(_row(s, "failed", error=msg))
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    csv = Path(summary_csv) if summary_csv is not None else out_root / "slides.csv"
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    if tracker is not None:
+        done = df[df.status.isin(["ok", "empty"])]
+        tracker.log_metrics({
+            "slides_ok": float((df.status == "ok").sum()), "slides_failed": float((df.status == "failed").sum()),
+            "slides_empty": float((df.status == "empty").sum()), "slides_skipped": float((df.status == "skipped").sum()),
+            "slide_tiles": float(done.tiles.sum()),
+            "slide_tiles_per_s": float(done.tiles.sum() / done.seconds.sum()) if done.seconds.sum() > 0 else 0.0,
+        })
+        tracker.log_artifact(csv)
+    return df
