@@ -210,6 +210,12 @@ class SlidesConfig(Section):
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(1, ge=0)
     threshold: float | None = Field(None, gt=0, lt=1, description="default: tau chosen at evaluation, else 0.5")
+    score: Literal["weight", "weight_x_prob"] = Field(
+        "weight_x_prob",
+        description="heatmap value per pixel: the weight map, or the weight map times the tile's P(positive_class) "
+        "(keeps the evidence maps of tiles the classifier calls normal from lighting up)",
+    )
+    positive_class: str | None = Field(None, description="class whose probability scales the map (default: the last class)")
     out_dir: Path | None = Field(None, description="default: <run dir>/slides")
     overwrite: bool = False
 
@@ -258,6 +264,14 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _positive_class_known(self):
+        pc = self.slides.positive_class
+        if pc is not None and pc not in self.data.classes:
+            raise ValueError(f"slides.positive_class: {pc!r} is not in data.classes {list(self.data.classes)}; "
+                             "fix: name one of data.classes")
+        return self
+
     @field_validator("stages")
     @classmethod
     def _ordered(cls, v: list[str]) -> list[str]:
@@ -289,6 +303,8 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any], prefix:
             msgs.append(f"{loc}: unknown key (value {e['input']!r}); fix: remove it or check the spelling under {parent}")
         elif e["type"] == "missing":
             msgs.append(f"{loc}: required key is missing; fix: add it")
+        elif loc == "<top level>" and e["type"] == "value_error":  # cross-section checks name their keys
+            msgs.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
             msgs.append(f"{loc}: {msg} (got {e['input']!r})")

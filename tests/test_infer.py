@@ -75,7 +75,7 @@ class ChannelModel(torch.nn.Module):
 
 def cfg(**kw):
     base = dict(target_mpp=1.0, tile_size=64, overlap=0, output_mpp=4.0, tissue_mpp=8.0, min_tissue=0.1,
-                batch_size=16, num_workers=0, overwrite=False)
+                batch_size=16, num_workers=0, overwrite=False, score="weight")
     base.update(kw)
     return SlidesConfig(**base)
 
@@ -132,6 +132,18 @@ def test_heatmap_follows_slide_coordinates(tmp_path, grad_slide, ch, overlap, di
     centre = (tiles.x + tiles.w / 2) / 1800 if ch == 0 else (tiles.y + tiles.h / 2) / 1200
     inside = (tiles.x + tiles.w <= 1800) & (tiles.y + tiles.h <= 1200)
     assert np.abs(tiles.mean_weight[inside] - centre[inside]).max() < 0.01
+
+
+@pytest.mark.parametrize("positive, expected", [(None, 0.7 / (1 + np.exp(-1.0))), ("benign", 0.7 / (1 + np.exp(1.0)))])
+def test_weight_x_prob_scales_the_map_by_the_positive_class(tmp_path, grad_slide, positive, expected):
+    """``score: weight_x_prob``: heatmap = weight map x softmax(logits)[positive_class] (default: last class)."""
+    c = cfg(score="weight_x_prob", positive_class=positive, tile_size=128)
+    infer_slide(ConstModel(0.7), grad_slide, c, tmp_path, "cpu", CLASSES, 0.5, progress=False)
+    heat, _, meta = load_heatmap(tmp_path / "grad")
+    np.testing.assert_allclose(np.asarray(heat[:]), expected, atol=1e-5)
+    assert meta["score"] == "weight_x_prob" and meta["positive_class"] == (positive or "malignant")
+    tiles = pd.read_csv(tmp_path / "grad" / "tiles.csv")
+    np.testing.assert_allclose(tiles.mean_weight, 0.7, atol=1e-6)  # the raw weight, unscaled
 
 
 def test_banded_zarr_merger_matches_avg_merger(tmp_path):

@@ -14,8 +14,11 @@ folder beside it and renamed into place at the end (a folder that exists is comp
     coverage.zarr  zarr v3 array, bool    [H_out, W_out]
     tiles.csv      one row per inferred tile
 
-* ``heatmap[r, c]`` is the mean of the model's weight maps (``WSOLOutput.weight_map``) of all tiles
-  covering heatmap pixel ``(r, c)`` (overlaps averaged: MONAI ``Merger`` contract), 0 where no tile
+* ``heatmap[r, c]`` is the mean of the tiles' scores over all tiles covering heatmap pixel ``(r, c)``
+  (overlaps averaged: MONAI ``Merger`` contract). A tile's score is its weight map
+  (``WSOLOutput.weight_map``; ``slides.score: weight``) or, by default (``weight_x_prob``), the weight
+  map times the tile's probability of ``slides.positive_class`` (default: the last class), so that
+  tiles the classifier calls normal do not light up with the evidence map of a class they lack. 0 where no tile
   was inferred (background, no tissue). ``coverage[r, c]`` is True where at least one tile was.
   Inside an inferred tile the value is the model's output even over background (not masked).
 * Heatmap pixel ``(r, c)`` covers level-0 pixels ``x in [c*k, (c+1)*k)``, ``y in [r*k, (r+1)*k)`` with
@@ -25,7 +28,8 @@ folder beside it and renamed into place at the end (a folder that exists is comp
   ``zarr.open_array(p, mode="r")`` (both slice as ``a[r0:r1, c0:c1]``; ``meta["heatmap"]`` and
   ``meta["coverage"]`` name the files).
 * ``tiles.csv`` columns: ``x, y, w, h`` (level-0 px, top-left and size of the tile's footprint),
-  ``tissue`` (tissue fraction in [0, 1]), ``mean_weight`` (mean of the tile's weight map),
+  ``tissue`` (tissue fraction in [0, 1]), ``mean_weight`` (mean of the tile's weight map, before any
+  probability scaling),
   ``prob_<class>`` for each class (softmax of the logits), ``pred`` (class name of the argmax).
 * ``meta.json`` keys: ``format`` ("medwsol-slide-heatmap"), ``version`` (1), ``status`` ("ok" or
   "empty"), ``slide`` (absolute path), ``name`` (stem), ``width``, ``height`` (level 0 px),
@@ -33,7 +37,7 @@ folder beside it and renamed into place at the end (a folder that exists is comp
   ``heatmap``, ``coverage`` (file names), ``heatmap_format`` ("npy" | "zarr"), ``heatmap_shape``
   ([H_out, W_out]), ``heatmap_mpp``, ``level0_per_heatmap_px``, ``tile_size`` (px at
   ``target_mpp``), ``overlap``, ``target_mpp``, ``level0_tile_size`` (float), ``tissue_mpp``,
-  ``min_tissue``, ``threshold`` (for binarising the heatmap), ``classes``, ``model`` (the model's
+  ``min_tissue``, ``threshold`` (for binarising the heatmap), ``score``, ``positive_class``, ``classes``, ``model`` (the model's
   ``describe()`` when it has one), ``summary`` (the slides.csv row), ``created``.
 
 A slide with no tissue is written too (``status: "empty"``): all-zero heatmap, no coverage, a
@@ -454,6 +458,8 @@ def infer_slide(
         "tile_size": int(cfg.tile_size), "overlap": int(cfg.overlap), "target_mpp": float(cfg.target_mpp),
         "level0_tile_size": float(tile0), "tissue_mpp": float(mask_mpp), "min_tissue": float(cfg.min_tissue),
         "threshold": float(threshold if threshold is not None else 0.5), "classes": classes,
+        "score": getattr(cfg, "score", "weight"),
+        "positive_class": (None if positive_index(cfg, classes) is None else classes[positive_index(cfg, classes)]),
         "model": model.describe() if hasattr(model, "describe") else {"class": type(model).__name__},
     }
 
@@ -486,6 +492,17 @@ def infer_slide(
     return row
 
 
+def positive_index(cfg, classes: Sequence[str]) -> int | None:
+    """Index of the class whose probability scales the weight map, or None for ``score: weight``."""
+    if getattr(cfg, "score", "weight") != "weight_x_prob":
+        return None
+    name = getattr(cfg, "positive_class", None) or classes[-1]
+    if name not in classes:
+        raise SlideError(f"slides.positive_class={name!r} is not one of the model's classes {list(classes)}; "
+                         "fix: name one of data.classes")
+    return list(classes).index(name)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -500,6 +517,7 @@ def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, s
         worker_init_fn=_worker_init if nw else None, prefetch_factor=4 if nw else None, persistent_workers=False,
     )
     dtype = amp_dtype(dev, amp)
+    pos = positive_index(cfg, classes)
     model.to(dev).eval()
     try:
         with _progress(progress) as bar, torch.inference_mode():
@@ -516,8 +534,11 @@ def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, s
                         f"({classes}); fix: set data.classes to the model's classes"
                     )
                 idx = idx.numpy()
-                probs[idx] = logits.softmax(1).cpu().numpy()
+                p = logits.softmax(1)
+                probs[idx] = p.cpu().numpy()
                 mean_w[idx] = wm.mean(dim=(1, 2, 3)).cpu().numpy()
+                if pos is not None:
+                    wm = wm * p[:, pos].view(-1, 1, 1, 1)
                 hs, ws = r1[idx] - r0[idx], c1[idx] - c0[idx]
                 small: list[torch.Tensor | None] = [None] * len(idx)
                 for bh, bw in set(zip(hs.tolist(), ws.tolist())):

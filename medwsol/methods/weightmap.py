@@ -16,7 +16,7 @@ area term is what makes ``g`` choose) and a total variation of ``W`` (on by
 default: without it ``g`` learns striped background patterns that fool ``f``).
 
 Choices made where the paper is silent (no public code), see
-``docs/methods_weightmap.md``:
+``docs/methods.md`` (learned weight maps):
 
 * **Masking in normalised space.** ``I*W`` means ``W * norm(I)``, i.e. in RGB
   ``mean + W * (I - mean)`` with the ImageNet mean colour: a removed pixel
