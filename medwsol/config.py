@@ -62,7 +62,9 @@ class SyntheticConfig(Section):
 class SyntheticSlidesConfig(Section):
     """Synthetic whole slides for ``data.source: slides`` when no slides are given."""
 
-    n_train: int = Field(4, ge=2, description="training slides (half with tumour)")
+    n_train: int = Field(
+        8, ge=2, description="annotated slides for the tile manifest (half with tumour); with >= 6 the last "
+        "tumour/normal pair is the tile test split and the pair before it the valid split")
     n_test: int = Field(1, ge=1, description="held-out slides with tumour, for inference")
     width: int = Field(8192, ge=1024)
     height: int = Field(6144, ge=1024)

@@ -133,6 +133,17 @@ def test_cohort_layout_and_slide_disjoint_splits(tmp_path):
     assert df["valpx"].sum() >= 1 and (df.loc[df["valpx"] == 1, "split"] == "valid").all()
 
 
+def test_cohort_of_six_or_more_has_both_classes_in_valid_and_test(tmp_path):
+    syn = SyntheticSlidesConfig(n_train=6, n_test=1, width=1024, height=1024, mpp=1.0, seed=3)
+    csv = make_synthetic_slide_cohort(tmp_path / "cohort", syn)
+    slides = pd.read_csv(csv)
+    assert slides.groupby("split")["label"].apply(sorted).to_dict() == {
+        "test": ["normal", "tumour"], "train": ["normal", "tumour"], "valid": ["normal", "tumour"]}
+    df = pd.read_csv(prepare_slide_tiles(csv, tmp_path / "cohort" / "annotations", tmp_path / "tiles", CFG, CLASSES))
+    for split in ("train", "valid", "test"):
+        assert set(df.loc[df["split"] == split, "label"]) == set(CLASSES), split
+
+
 def test_qupath_geometry_filters_classes():
     def feat(name, box, ot="annotation"):
         a, b, c, d = box

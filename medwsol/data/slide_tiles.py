@@ -456,8 +456,9 @@ def _progress(enabled: bool, total: int, what: str):
 def make_synthetic_slide_cohort(out_dir: str | os.PathLike[str], synth_cfg: Any, progress: bool = False) -> Path:
     """Synthetic annotated slides in the layout :func:`prepare_slide_tiles` reads.
 
-    ``n_train`` training slides (alternating tumour / normal, so half have tumour) listed in
-    ``slides.csv`` and ``n_test`` held-out tumour slides in ``test_slides.csv`` (columns ``slide,
+    ``n_train`` annotated slides (alternating tumour / normal, so half have tumour) listed in
+    ``slides.csv`` (with 6 or more, a ``split`` column: the last tumour/normal pair ``test``, the pair
+    before it ``valid``, the rest ``train``; with fewer, the seeded group split decides) and ``n_test`` held-out tumour slides in ``test_slides.csv`` (columns ``slide,
     label, group``; labels ``tumour``/``normal``, mapped to the configured classes), under
     ``out_dir/slides/*.tif``, with QuPath GeoJSONs and tumour masks in ``out_dir/annotations/``.
     The folder is built in a temporary sibling and renamed into place; a cohort already built with
@@ -503,7 +504,16 @@ def make_synthetic_slide_cohort(out_dir: str | os.PathLike[str], synth_cfg: Any,
             tables[table].append({"slide": f"slides/{stem}.tif", "label": "tumour" if tumour else "normal",
                                   "group": stem})
         for name, rows in tables.items():
+            cols = ["slide", "label", "group"]
+            if name == "slides.csv" and len(rows) >= 6:
+                # explicit slide split: the last tumour/normal pair is test, the one before valid, so both
+                # hold both classes (a seeded group split of a handful of slides cannot promise that)
+                n_pairs = len(rows) // 2
+                for j, row in enumerate(rows):
+                    pair = j // 2
+                    row["split"] = "test" if pair >= n_pairs - 1 else "valid" if pair == n_pairs - 2 else "train"
+                cols.append("split")
             with atomic_path(tmp / name) as p:
-                pd.DataFrame(rows, columns=["slide", "label", "group"]).to_csv(p, index=False)
+                pd.DataFrame(rows, columns=cols).to_csv(p, index=False)
         write_json(tmp / "cohort.json", settings)
     return out / "slides.csv"

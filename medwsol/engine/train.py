@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +115,8 @@ def train(ctx) -> dict[str, Any]:
     valpx_loader = make_eval_loader(valpx_recs, cfg) if valpx_recs else None
 
     if cfg.model.pretrained is None:
-        warnings.warn("model.pretrained is not set: the backbone starts from random weights "
-                      "(set it to a local ImageNet .pth for paper-like results)", stacklevel=1)
-        console.print("[yellow]warning:[/] model.pretrained not set: backbone starts from random weights")
+        console.print("[yellow]warning:[/] model.pretrained is not set: the backbone starts from random weights "
+                      "(set it to a local ImageNet .pth for paper-like results)")
     model = build_method(cfg.model.method, num_classes=len(classes), backbone=cfg.model.backbone,
                          pretrained=cfg.model.pretrained, output_stride=cfg.model.output_stride,
                          params=cfg.model.params).to(device)
