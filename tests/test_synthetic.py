@@ -297,7 +297,7 @@ def test_interrupted_mid_way_leaves_nothing(tmp_path):
     out = tmp_path / "data"
     code = (
         "import sys; from medwsol.data.synthetic import make_synthetic_dataset; "
-        "make_synthetic_dataset(sys.argv[1], n_images=2000, size=48, n_valpx=2, progress=False)"
+        "make_synthetic_dataset(sys.argv[1], n_images=20000, size=64, n_valpx=2, progress=False)"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env,
