@@ -178,6 +178,11 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(5.0, gt=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     select_metric: Literal["val_error", "val_loss", "valpx_miou", "valpx_pxap", "last"] = "val_error"
+    select_max_val_error: float | None = Field(
+        None, ge=0, le=100,
+        description="an epoch can become best only if its val_error (%) is at most this (while no epoch meets it, "
+        "the lowest val_error wins); guards localization-based selection against a collapsed classifier",
+    )
     patience: int | None = Field(None, ge=1, description="early stopping after this many epochs without improvement")
     deterministic: bool = True
     stop_after: int | None = Field(

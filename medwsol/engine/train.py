@@ -8,7 +8,9 @@
   re-seeded from ``(seed, epoch)`` at each epoch, so ``--resume`` reaches exactly the
   metrics of an uninterrupted run;
 * ``checkpoints/last.pt`` written atomically every epoch, ``best.pt`` on improvement of
-  ``train.select_metric``; early stopping after ``train.patience`` epochs without one;
+  ``train.select_metric`` (among the epochs whose ``val_error`` is at most
+  ``train.select_max_val_error``, when set: see :func:`selection_key`); early stopping after
+  ``train.patience`` epochs without one;
 * per-epoch metrics to ``train_log.csv`` and the tracker; the best model is logged to the
   tracker and registered (champion alias moves only on improvement).
 """
@@ -30,7 +32,7 @@ from medwsol.engine.runtime import amp_dtype, autocast, seed_everything, select_
 from medwsol.errors import CheckpointError, DataError, TrainingError
 from medwsol.io import write_text
 
-__all__ = ["train", "SELECT", "build_optimizer", "build_scheduler"]
+__all__ = ["train", "SELECT", "selection_key", "build_optimizer", "build_scheduler"]
 
 # select_metric -> (key in the validation scores, higher is better)
 SELECT: dict[str, tuple[str, bool]] = {
@@ -40,6 +42,26 @@ SELECT: dict[str, tuple[str, bool]] = {
     "valpx_pxap": ("valpx_pxap", True),
     "last": ("epoch", True),
 }
+
+
+def selection_key(row: dict[str, Any], key: str, higher: bool, max_val_error: float | None) -> tuple[bool, float]:
+    """The rank of an epoch for model selection (the larger tuple is the better epoch).
+
+    Without ``max_val_error`` it is ``(True, metric)`` (negated when lower is better). With it, an
+    epoch whose ``val_error`` exceeds the bound ranks below every epoch that meets it, and among
+    such epochs the lower ``val_error`` wins: ``(False, -val_error)``.
+
+    Example:
+        >>> from medwsol.engine.train import selection_key
+        >>> collapsed = selection_key({"valpx_pxap": 62.7, "val_error": 50.0}, "valpx_pxap", True, 10.0)
+        >>> working = selection_key({"valpx_pxap": 45.8, "val_error": 0.0}, "valpx_pxap", True, 10.0)
+        >>> working > collapsed
+        True
+    """
+    value = float(row.get(key, row["epoch"]))
+    if max_val_error is not None and row["val_error"] > max_val_error:
+        return False, -float(row["val_error"])
+    return True, value if higher else -value
 
 
 def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
@@ -129,6 +151,11 @@ def train(ctx) -> dict[str, Any]:
     ckdir = ctx.checkpoints
     last_path, best_path = ckdir / "last.pt", ckdir / "best.pt"
     start_epoch, best_val, best_epoch, stale, history = 0, None, -1, 0, []
+    best_key: tuple[bool, float] | None = None  # selection_key of the best epoch
+    guard = tc.select_max_val_error
+    if guard is not None and not val_recs:
+        raise DataError(f"{dc.manifest}: train.select_max_val_error={guard} needs 'valid' rows; "
+                        "fix: add a valid split or remove train.select_max_val_error")
     if ctx.resume:
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume; fix: drop --resume or pass the right --run-dir")
@@ -144,6 +171,8 @@ def train(ctx) -> dict[str, Any]:
             scaler.load_state_dict(ck["scaler"])
         start_epoch = int(ck["epoch"]) + 1
         best_val, best_epoch, stale = ck.get("best_value"), int(ck.get("best_epoch", -1)), int(ck.get("stale", 0))
+        best_key = tuple(ck["best_key"]) if ck.get("best_key") is not None else (
+            None if best_val is None else (True, best_val if higher else -best_val))  # checkpoints before best_key
         history = list(ck.get("history") or [])
         console.print(f"resuming from {last_path} at epoch {start_epoch}")
 
@@ -165,6 +194,7 @@ def train(ctx) -> dict[str, Any]:
             "best_value": best_val,
             "best_epoch": best_epoch,
             "stale": stale,
+            "best_key": list(best_key) if best_key is not None else None,
             "history": history,
             "config": cfg.model_dump(mode="json"),
         }
@@ -233,9 +263,10 @@ def train(ctx) -> dict[str, Any]:
                 s = score_split(model, valpx_loader, device, dtype, tc.channels_last)
                 row.update({"valpx_pxap": s["pxap"], "valpx_miou": s["miou"], "valpx_tau": s["tau"]})
             value = row.get(key, row["epoch"])
-            improved = best_val is None or (value > best_val if higher else value < best_val)
+            rank = selection_key(row, key, higher, guard)
+            improved = best_key is None or rank > best_key
             if improved:
-                best_val, best_epoch, stale = value, epoch + 1, 0
+                best_val, best_key, best_epoch, stale = value, rank, epoch + 1, 0
             else:
                 stale += 1
             row["best"] = int(improved)
@@ -259,11 +290,15 @@ def train(ctx) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "best_value": best_val,
         "select_metric": tc.select_metric,
+        "best_meets_max_val_error": None if guard is None else bool(best_key and best_key[0]),
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "seconds": time.perf_counter() - t_start,
         "best_checkpoint": str(best_path),
     }
+    if guard is not None and not (best_key and best_key[0]):
+        console.print(f"[yellow]warning:[/] no epoch reached val_error <= {guard} (train.select_max_val_error); "
+                      f"kept the epoch with the lowest val_error ({best_epoch})")
     _finish(ctx, summary, classes, device)
     return summary
 
