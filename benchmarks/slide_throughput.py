@@ -65,7 +65,10 @@ def parse_args(argv=None):
 def build_model(args):
     from medwsol.methods.base import build_method
 
-    return build_method(args.method, num_classes=2, backbone=args.backbone).eval()
+    import torch
+
+    model = build_method(args.method, num_classes=2, backbone=args.backbone).eval()
+    return model.to(memory_format=torch.channels_last)  # as infer_slide runs it
 
 
 def slides_cfg(args, target_mpp, workers=None, overwrite=True):

@@ -519,10 +519,12 @@ def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, s
     dtype = amp_dtype(dev, amp)
     pos = positive_index(cfg, classes)
     model.to(dev).eval()
+    model.to(memory_format=torch.channels_last)  # as in training: oneDNN / cuDNN's fast NHWC convolutions
     try:
         with _progress(progress) as bar, torch.inference_mode():
             task = bar.add_task(slide_path.name[:40], total=len(ds))
             for imgs, idx in loader:
+                # [B, H, W, 3] uint8 -> [B, 3, H, W] float: the permuted view is channels_last already
                 x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
                 with autocast(dev, dtype):
                     res = model(x)
