@@ -113,3 +113,44 @@ def test_nan_loss_stops_with_clear_message(tmp_path):
                                                "train.epochs=3", "train.schedule=none"], check=False)
     assert res.returncode == 2, res.stderr[-2000:]
     assert any(w in res.stderr for w in ("loss became", "weights became", "NaN/inf outputs")) and "fix:" in res.stderr and "Traceback" not in res.stderr
+
+
+SLIDES_TINY = [
+    "data.tiles.synthetic.n_train=6", "data.tiles.synthetic.width=2048", "data.tiles.synthetic.height=2048",
+    "data.tiles.synthetic.mpp=1.0", "data.tiles.tile_size=64", "data.patch_size=64", "data.batch_size=8",
+    "slides.tile_size=64", "slides.overlap=16", "slides.batch_size=16", "train.epochs=2", "train.threads=2",
+    "evaluate.n_overlays=2", "model.output_stride=16",
+]
+
+
+@pytest.mark.slow
+def test_slides_pipeline_end_to_end_with_weightmap_ce(tmp_path):
+    """Issue 5: the weight-map method through every stage of the slides pipeline, registry included."""
+    import openslide
+
+    from medwsol.export.qupath import read_geojson, validate_qupath_geojson
+
+    slides = str(ROOT / "pipelines/slides.yaml")
+    cmd = [EXE, "run", slides]
+    for s in [*SLIDES_TINY, "model.method=weightmap_ce", f"data.manifest={tmp_path}/tiles/manifest.csv",
+              f"run_root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]:
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = sorted((tmp_path / "runs" / "slides").iterdir())[-1]
+    summary = pd.read_csv(run / "slides" / "slides.csv")
+    assert summary.status.tolist() == ["ok"] and summary.tiles.iloc[0] > 0
+    out = run / "slides" / "test_000"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["model"]["method"] == "weightmap_ce"
+    assert not validate_qupath_geojson(read_geojson(out / "test_000.geojson"), meta["width"], meta["height"])
+    with openslide.OpenSlide(str(out / "test_000_heatmap.tif")) as heat:
+        mpp = float(heat.properties[openslide.PROPERTY_NAME_MPP_X])
+        assert abs(heat.dimensions[0] * mpp - meta["width"] * meta["slide_mpp"]) <= mpp
+    scored = json.loads((out / "slide_eval.json").read_text())
+    assert 0.0 <= scored["dice"] <= 1.0 and "polygon_iou" in scored
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_model_version_by_alias("medwsol-slides", "champion").version == "1"
