@@ -131,7 +131,11 @@ class ModelConfig(Section):
     backbone: str = "resnet18"
     pretrained: Path | None = Field(None, description="local ImageNet weights (torchvision layout accepted)")
     output_stride: Literal[8, 16, 32] = 16
-    params: dict[str, Any] = Field(default_factory=dict, description="the method's own knobs")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the method's own knobs, or a mapping from method names to their knobs (the selected method's "
+        "entry is used, so --set model.method=... keeps the file valid)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -332,13 +336,26 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> PipelineConf
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     method = model.get("method", ModelConfig.model_fields["method"].default)
     params = model.get("params") or {}
+    per_method = isinstance(params, dict) and bool(params) and all(k in METHOD_PARAMS for k in params)
+    if per_method:
+        # keyed by method: `params: {minmax_entropy: {...}, weightmap_ce: {...}}`; every entry is checked,
+        # the selected method's entry (or its defaults) is used, so `--set model.method=...` stays valid
+        for name, sub in params.items():
+            if name != method:
+                try:
+                    METHOD_PARAMS[name].model_validate(sub or {})
+                except ValidationError as err:
+                    msgs.append(_format_validation_error(err, sub or {}, prefix=f"model.params.{name}"))
+        prefix, params = f"model.params.{method}", params.get(method) or {}
+    else:
+        prefix = "model.params"
     if method in METHOD_PARAMS and isinstance(params, dict):
         try:
             validated = METHOD_PARAMS[method].model_validate(params).model_dump()
             if cfg is not None:
                 cfg.model.params = validated
         except ValidationError as err:
-            msgs.append(_format_validation_error(err, params, prefix="model.params"))
+            msgs.append(_format_validation_error(err, params, prefix=prefix))
     if msgs:
         raise ConfigError(f"{source}: " + "; ".join(msgs))
     assert cfg is not None

@@ -68,11 +68,20 @@ def test_overrides_parse_yaml_values_and_create_sections():
 
 
 def test_method_params_are_typed_and_defaulted():
-    cfg = load_config(ROOT / "pipelines/demo.yaml", overrides=["model.params.erase_steps=4"], check=False)
-    assert cfg.model.params["erase_steps"] == 4 and cfg.model.params["sigmoid_w"] == 8.0
-    # switching the method keeps the demo valid (its params are the method's defaults)
+    cfg = load_config(ROOT / "pipelines/demo.yaml", overrides=["model.params.minmax_entropy.erase_steps=4"],
+                      check=False)
+    # the demo's per-method entry (TMI mask) plus the override; the rest are the method's defaults
+    assert cfg.model.params["erase_steps"] == 4 and cfg.model.params["sigmoid_w"] == 5.0
+    assert cfg.model.params["kmax"] == 0.1
+    # switching the method keeps the demo valid: the other method gets its own defaults
     cfg = load_config(ROOT / "pipelines/demo.yaml", overrides=["model.method=weightmap_ce"], check=False)
-    assert "area_weight" in cfg.model.params
+    assert "area_weight" in cfg.model.params and "sigmoid_w" not in cfg.model.params
+    # flat params still work, and a typo in any method's entry names its full path
+    cfg = load_config(ROOT / "pipelines/demo.yaml", overrides=["model.params={}", "model.params.erase_steps=2"],
+                      check=False)
+    assert cfg.model.params["erase_steps"] == 2 and cfg.model.params["sigmoid_w"] == 8.0
+    with pytest.raises(ConfigError, match=r"model\.params\.cam\.kmaxx"):
+        load_config(ROOT / "pipelines/demo.yaml", overrides=["model.params.cam.kmaxx=1"], check=False)
 
 
 def test_missing_files_fail_with_the_key(tmp_path):

@@ -153,4 +153,4 @@ def test_slides_pipeline_end_to_end_with_weightmap_ce(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert client.get_model_version_by_alias("medwsol-slides", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("medwsol-slides", "champion").version) == "1"
