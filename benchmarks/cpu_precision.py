@@ -25,6 +25,43 @@ def cpu_bf16() -> str:
     return " + ".join(has) if has else "no native bf16 (emulated)"
 
 
+def measure(args, x, y, dtype, channels_last: bool) -> tuple[float, float]:
+    """(inference img/s, training img/s or NaN) of a freshly built model in one precision and memory format."""
+    import torch
+
+    from medwsol.engine.runtime import autocast
+    from medwsol.methods.base import build_method
+
+    cpu = torch.device("cpu")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_method(args.method, num_classes=2, backbone=args.backbone).to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    model.eval()
+    with torch.inference_mode():
+        with autocast(cpu, dtype):
+            model(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            with autocast(cpu, dtype):
+                out = model(x)
+            out.weight_map.float().sum().item()
+        infer = args.iters * args.batch / (time.perf_counter() - t)
+    if not args.train:
+        return infer, float("nan")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    steps = max(1, args.iters // 2)
+    for i in range(steps + 1):  # the first step warms up
+        if i == 1:
+            t = time.perf_counter()
+        with autocast(cpu, dtype):
+            loss = model.loss({"image": x, "label": y})["total"]
+        opt.zero_grad()
+        loss.float().backward()
+        opt.step()
+    return infer, steps * args.batch / (time.perf_counter() - t)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="minmax_entropy")
@@ -37,48 +74,11 @@ def main(argv=None) -> None:
 
     import torch
 
-    from medwsol.methods.base import build_method
-
     torch.manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 2, (args.batch,))
-    rows = []
-    for dtype in (None, torch.bfloat16):
-        for cl in (False, True):
-            model = build_method(args.method, num_classes=2, backbone=args.backbone)
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            model = model.to(memory_format=fmt)
-            xi = x.contiguous(memory_format=fmt)
-            ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else (lambda: torch.autocast("cpu", enabled=False))
-            model.eval()
-            with torch.inference_mode():
-                with ctx():
-                    model(xi)  # warm-up
-                t = time.perf_counter()
-                for _ in range(args.iters):
-                    with ctx():
-                        out = model(xi)
-                    out.weight_map.float().sum().item()
-                infer = args.iters * args.batch / (time.perf_counter() - t)
-            train = float("nan")
-            if args.train:
-                model.train()
-                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-                batch = {"image": xi, "label": y}
-
-                def step():
-                    with ctx():
-                        loss = model.loss(batch)["total"]
-                    opt.zero_grad()
-                    loss.float().backward()
-                    opt.step()
-
-                step()
-                t = time.perf_counter()
-                for _ in range(max(1, args.iters // 2)):
-                    step()
-                train = max(1, args.iters // 2) * args.batch / (time.perf_counter() - t)
-            rows.append(("bf16" if dtype else "fp32", "channels_last" if cl else "contiguous", infer, train))
+    rows = [("bf16" if dtype else "fp32", "channels_last" if cl else "contiguous", *measure(args, x, y, dtype, cl))
+            for dtype in (None, torch.bfloat16) for cl in (False, True)]
 
     base_i, base_t = rows[0][2], rows[0][3]
     print(f"\n## {args.method}/{args.backbone}, {args.size}² px, batch {args.batch}, torch threads "

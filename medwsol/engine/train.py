@@ -151,7 +151,7 @@ def train(ctx) -> dict[str, Any]:
     ckdir = ctx.checkpoints
     last_path, best_path = ckdir / "last.pt", ckdir / "best.pt"
     start_epoch, best_val, best_epoch, stale, history = 0, None, -1, 0, []
-    best_key: tuple[bool, float] | None = None  # selection_key of the best epoch
+    best_key: tuple[bool, float] | None = None  # selection_key of the best epoch (derived from history on resume)
     guard = tc.select_max_val_error
     if guard is not None and not val_recs:
         raise DataError(f"{dc.manifest}: train.select_max_val_error={guard} needs 'valid' rows; "
@@ -171,9 +171,9 @@ def train(ctx) -> dict[str, Any]:
             scaler.load_state_dict(ck["scaler"])
         start_epoch = int(ck["epoch"]) + 1
         best_val, best_epoch, stale = ck.get("best_value"), int(ck.get("best_epoch", -1)), int(ck.get("stale", 0))
-        best_key = tuple(ck["best_key"]) if ck.get("best_key") is not None else (
-            None if best_val is None else (True, best_val if higher else -best_val))  # checkpoints before best_key
         history = list(ck.get("history") or [])
+        best_row = next((r for r in history if r["epoch"] == best_epoch), None)
+        best_key = None if best_row is None else selection_key(best_row, key, higher, guard)
         console.print(f"resuming from {last_path} at epoch {start_epoch}")
 
     n_train = len(train_recs)
@@ -194,7 +194,6 @@ def train(ctx) -> dict[str, Any]:
             "best_value": best_val,
             "best_epoch": best_epoch,
             "stale": stale,
-            "best_key": list(best_key) if best_key is not None else None,
             "history": history,
             "config": cfg.model_dump(mode="json"),
         }
@@ -290,7 +289,6 @@ def train(ctx) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "best_value": best_val,
         "select_metric": tc.select_metric,
-        "best_meets_max_val_error": None if guard is None else bool(best_key and best_key[0]),
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "seconds": time.perf_counter() - t_start,
@@ -323,7 +321,7 @@ def _finish(ctx, summary: dict[str, Any], classes: list[str], device: torch.devi
     example = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
     uri = tracker.log_model(model, "model", example)
     if uri and cfg.tracking.register_as:
-        key, higher = SELECT[summary["select_metric"]]
+        _, higher = SELECT[summary["select_metric"]]
         reg = tracker.register(uri, cfg.tracking.register_as, summary["select_metric"],
                                float(summary["best_value"] or 0.0), higher)
         summary["registry"] = reg
