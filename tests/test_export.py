@@ -15,7 +15,8 @@ import tifffile
 from shapely.geometry import shape
 
 from medwsol.config import ExportConfig
-from medwsol.data.synthetic_slide import make_synthetic_slide, rasterize_geometry
+from medwsol.data.geometry import rasterize_geometry
+from medwsol.data.synthetic_slide import make_synthetic_slide
 from medwsol.errors import DataError, SlideError
 from medwsol.export import EXPORT_FILES, export_slide
 from medwsol.export.qupath import (

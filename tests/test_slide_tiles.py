@@ -12,9 +12,10 @@ from PIL import Image
 from skimage.draw import polygon as sk_polygon
 
 from medwsol.config import SlideTilesConfig, SyntheticSlidesConfig
+from medwsol.data.geometry import rasterize_geometry
 from medwsol.data.manifest import load_manifest
 from medwsol.data.slide_tiles import make_synthetic_slide_cohort, prepare_slide_tiles, qupath_geometry
-from medwsol.data.synthetic_slide import make_synthetic_slide, rasterize_geometry
+from medwsol.data.synthetic_slide import make_synthetic_slide
 from medwsol.errors import DataError
 
 pytest.importorskip("openslide")

@@ -242,7 +242,8 @@ def test_tissue_mask_matches_synthetic_slide_tissue(tmp_path):
     """On the project's H&E-like synthetic slide the mask agrees with the true tissue polygons."""
     from skimage.measure import label
 
-    from medwsol.data.synthetic_slide import make_synthetic_slide, rasterize_geometry
+    from medwsol.data.geometry import rasterize_geometry
+    from medwsol.data.synthetic_slide import make_synthetic_slide
 
     out = make_synthetic_slide(tmp_path / "syn.tif", width=2048, height=1536, mpp=0.5, seed=3)
     slide = open_slide(out["tif"])

@@ -13,12 +13,12 @@ from PIL import Image
 from shapely.geometry import box, shape
 from skimage.draw import polygon as sk_polygon
 
+from medwsol.data.geometry import rasterize_geometry
 from medwsol.data.synthetic_slide import (
     BACKGROUND,
     _TileSource,
     make_synthetic_slide,
     pyramid_dims,
-    rasterize_geometry,
 )
 from medwsol.errors import DataError
 from medwsol.export.qupath import validate_qupath_geojson

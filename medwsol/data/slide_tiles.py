@@ -273,8 +273,8 @@ def _candidates(row, tiles_cfg, slide, base_mpp: float, tumour) -> pd.DataFrame:
     """Tissue-filtered grid of one slide with tissue and tumour fractions (no pixels read yet)."""
     from shapely.geometry import box
 
+    from medwsol.data.geometry import rasterize_geometry
     from medwsol.data.slides import tile_grid, tissue_mask
-    from medwsol.data.synthetic_slide import rasterize_geometry
 
     ts, mpp = int(tiles_cfg.tile_size), float(tiles_cfg.mpp)
     scale = mpp / base_mpp  # level-0 px per tile px
@@ -332,9 +332,9 @@ def prepare_slide_tiles(
     """
     from PIL import Image
 
+    from medwsol.data.geometry import rasterize_geometry
     from medwsol.data.manifest import write_manifest
     from medwsol.data.slides import open_slide, read_region_at_mpp, slide_mpp
-    from medwsol.data.synthetic_slide import rasterize_geometry
 
     slides_csv, out_dir = Path(slides_csv), Path(out_dir)
     t = tiles_cfg
