@@ -71,6 +71,13 @@ def build_model(args):
     return model.to(memory_format=torch.channels_last)  # as infer_slide runs it
 
 
+def served(model):
+    """The network as the slide path serves it (no map range: the benchmark measures speed, not maps)."""
+    from medwsol.engine.served import ServedModel
+
+    return ServedModel(model, ["benign", "malignant"], "malignant", "weight", map_range=None, tau=0.5)
+
+
 def slides_cfg(args, target_mpp, workers=None, overwrite=True):
     from medwsol.config import SlidesConfig
 
@@ -176,8 +183,8 @@ def rss_child(args) -> None:
     before = proc_mb("VmRSS")
     cfg = slides_cfg(args, args.rss_target_mpp)
     t = time.perf_counter()
-    row = infer_slide(model, args.rss_child, cfg, args.out / "rss_out", args.device, ["benign", "malignant"], 0.5,
-                      progress=False, amp=args.amp)
+    row = infer_slide(served(model), args.rss_child, cfg, args.out / "rss_out", args.device, progress=False,
+                      amp=args.amp)
     meta = json.loads((Path(row["outputs"]) / "meta.json").read_text())
     print(json.dumps({"before_mb": before, "peak_mb": proc_mb("VmHWM") if has_reset else float("nan"),
                       "maxrss_mb": maxrss_mb(), "workers_peak_mb": maxrss_mb(resource.RUSAGE_CHILDREN),
@@ -238,8 +245,7 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base) -> dict:
                 step()
             best("model", args.model_batches * cfg.batch_size / (time.perf_counter() - t))
         # end to end: mask + grid + inference + stitching + writing
-        row = infer_slide(model, slide_path, cfg, args.out / "e2e_out", dev, ["benign", "malignant"], 0.5,
-                          progress=False, amp=args.amp)
+        row = infer_slide(served(model), slide_path, cfg, args.out / "e2e_out", dev, progress=False, amp=args.amp)
         best("e2e", row["tiles"] / row["seconds"])
         if not args.skip_monai:
             from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter

@@ -103,11 +103,12 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
                           out_md: Path | None = None) -> list[dict[str, Any]]:
     """Train and evaluate each method on the same data and seed; return the table rows."""
     from medwsol.data.manifest import load_manifest
+    from medwsol.checkpoint import model_from_checkpoint
     from medwsol.engine.evaluate import evaluate_model
-    from medwsol.engine.models import load_model
     from medwsol.engine.runtime import select_device
     from medwsol.methods.catalog import METHOD_PARAMS, METHODS
-    from medwsol.pipeline import run_pipeline, stage_prepare, RunContext
+    from medwsol.pipeline import RunContext, run_pipeline
+    from medwsol.stages import stage_prepare
     from medwsol.tracking import NullTracker, make_tracker
 
     console = Console(stderr=True)
@@ -139,11 +140,11 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
             if train_name not in trained:
                 console.rule(f"[bold]benchmark: {train_name}")
                 t0 = time.perf_counter()
-                run_pipeline(mcfg, config_path, run_dir=run_dir, stages=["train"], tracker=child)
+                run_pipeline(mcfg, config_path, run_dir=run_dir, stages=["train"], tracker=child, package=False)
                 trained[train_name] = (run_dir / "checkpoints" / "best.pt", time.perf_counter() - t0)
             ckpt, secs = trained[train_name]
             device = select_device(cfg.train.device)
-            model = load_model(str(ckpt), run_dir, cfg.tracking.uri, list(cfg.data.classes), device)
+            model = model_from_checkpoint(ckpt).to(device).eval()
             if name == "gradcam":
                 from medwsol.methods.base import build_method
 
@@ -152,7 +153,7 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
                 gc.load_state_dict(model.state_dict())
                 model = gc.to(device).eval()
             df = load_manifest(cfg.data.manifest, list(cfg.data.classes))
-            metrics = evaluate_model(model, mcfg, df, device, out_dir=run_dir / "eval", console=console)
+            metrics = evaluate_model(model, mcfg, df, device, out_dir=run_dir / "eval", console=console).metrics
             from medwsol.engine.evaluate import flat_metrics
 
             child.log_metrics(flat_metrics(metrics))
@@ -164,7 +165,7 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
         device = torch.device("cpu")
         for label, model in (("all-ones map", ConstantMap(len(cfg.data.classes))),
                              ("random map", RandomMap(len(cfg.data.classes)))):
-            metrics = evaluate_model(model.eval(), cfg, df, device, out_dir=None, console=console)
+            metrics = evaluate_model(model.eval(), cfg, df, device, out_dir=None, console=console).metrics
             rows.append(_row(label, metrics, None, split))
         table = format_table(rows)
         write_json(root / "benchmark.json", rows)

@@ -125,34 +125,105 @@ def evaluate(
     _stage("evaluate", config, overrides, run_dir, model=model)
 
 
+def _explicit_overrides(overrides: list[str] | None, prefix: str) -> set[str]:
+    """Keys under ``prefix.`` that ``--set`` names (e.g. ``slides.tile_size=...`` -> ``tile_size``)."""
+    out = set()
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if key.startswith(prefix + "."):
+            out.add(key[len(prefix) + 1 :].split(".")[0])
+    return out
+
+
 @app.command()
 @handle_errors
 def infer(
     slides: Optional[List[Path]] = typer.Argument(None, help="Slide files (any format OpenSlide reads)."),
-    config: Path = typer.Option(Path("pipelines/slides.yaml"), "--config", "-c", help="Pipeline YAML for settings."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="models:/<name>@<alias>, models:/<name>/<version>, or a model package folder "
+        "(<run>/package). Classes, tile size, mpp, score and tau come from it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (one sub-folder per slide, slides.csv)."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with a 'slide' column."),
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint path or models:/<name>@<alias>."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run dir>/slides)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides whose outputs exist."),
-    export: bool = typer.Option(True, "--export/--no-export", help="Also run the export stage."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="Where models:/ URIs live (default: $MLFLOW_TRACKING_URI, the config's "
+        "tracking.uri, else sqlite:///mlflow.db)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Optional pipeline YAML: its slides/export settings, and a run directory and "
+        "MLflow run for the outputs (default model: that pipeline's latest run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides even when their outputs are current."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Also export (TIFF, GeoJSON, PNG, ...)."),
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
 ) -> None:
-    """Infer stitched heatmaps on whole slides (stage 'infer', then 'export')."""
-    extra = list(overrides or [])
-    if slides:
-        extra.append("slides.inputs=[" + ",".join(f"'{s}'" for s in slides) + "]")
-    if manifest is not None:
-        extra.append(f"slides.manifest='{manifest}'")
-    if out is not None:
-        extra.append(f"slides.out_dir='{out}'")
-    if overwrite:
-        extra.append("slides.overwrite=true")
-    stages = ["infer", "export"] if export else ["infer"]
-    from medwsol.pipeline import run_pipeline
+    """Stitched heatmaps on whole slides from a model package, then exports for QuPath and people."""
+    from medwsol.config import apply_overrides, load_config, parse_config
 
-    cfg = _load(config, extra, stages=stages)
-    run_pipeline(cfg, config_path=config, run_dir=run_dir, stages=stages, model=model)
+    overrides = list(overrides or [])
+    typed: dict = {}
+    if slides:
+        typed["inputs"] = list(slides)
+    if manifest is not None:
+        typed["manifest"] = manifest
+    if out is not None:
+        typed["out_dir"] = out
+    if overwrite:
+        typed["overwrite"] = True
+    stages = ["infer", "export"] if export else ["infer"]
+    if config is not None:
+        cfg = load_config(config, overrides=overrides, stages=[])
+        if tracking_uri:
+            cfg.tracking.uri = tracking_uri
+        cfg.slides = cfg.slides.model_copy(update=typed)
+        from medwsol.pipeline import run_pipeline
+
+        run_pipeline(cfg, config_path=config, run_dir=run_dir, stages=stages, model=model)
+        return
+    if run_dir is not None:
+        raise _usage("--run-dir needs --config (a pipeline's run); fix: use --out DIR for the outputs")
+    if model is None:
+        raise _usage("--model: no model given; fix: pass --model models:/<name>@champion or a package folder "
+                     "(<run>/package), or --config pipelines/X.yaml to use that pipeline's latest run")
+    if out is None:
+        raise _usage("--out: no output folder given; fix: pass --out DIR")
+    cfg = parse_config(apply_overrides({"name": "infer"}, overrides), "--set")
+    explicit = _explicit_overrides(overrides, "slides")
+    classes = list(cfg.data.classes) if "classes" in _explicit_overrides(overrides, "data") else None
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    _infer_direct(cfg, model, uri, cfg.slides.model_copy(update=typed), explicit, classes, export)
+
+
+def _usage(msg: str):
+    from medwsol.errors import ConfigError
+
+    return ConfigError(msg)
+
+
+def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[str], classes, export: bool) -> None:
+    """``medwsol infer`` with no pipeline: the package decides; outputs in ``slides.out_dir``."""
+    from medwsol.engine.runtime import select_device
+    from medwsol.errors import DataError, SlideError
+    from medwsol.stages import collect_slides, export_slides, infer_from_package, resolve_package, serving_setup
+
+    out = Path(slides_cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a folder; fix: pass a folder")
+    cfg.slides = slides_cfg
+    slide_list = collect_slides(cfg)
+    pkg = resolve_package(model, tracking_uri)
+    served, settings = serving_setup(pkg, slides_cfg, explicit=explicit, classes=classes)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--out {out}: cannot create the folder ({err.strerror}); fix: choose a writable folder") from None
+    device = select_device(cfg.train.device)
+    df = infer_from_package(pkg, slide_list, settings, out, device, amp=cfg.train.amp, served=served)
+    failed = int((df.status == "failed").sum())
+    if export:
+        ex = export_slides(df, out, cfg.export, cfg.data.tiles.annotations)
+        failed += int((ex.status == "failed").sum()) if len(ex) else 0
+    if failed:
+        raise SlideError(f"{failed} slide(s) failed (the others finished); see {out / 'slides.csv'} for each error; "
+                         "fix: correct or remove those slides and re-run (finished ones are skipped)")
 
 
 @app.command()

@@ -181,7 +181,9 @@ class TrainConfig(Section):
 
     grad_clip: float | None = Field(5.0, gt=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    select_metric: Literal["val_error", "val_loss", "valpx_miou", "valpx_pxap", "last"] = "val_error"
+    select_metric: Literal["val_error", "val_loss", "valpx_miou", "valpx_pxap", "valpx_dice", "last"] = Field(
+        "val_error", description="model selection: valid error/loss, or on the pixel-labelled valpx images: "
+        "PxAP, best mIoU, or the foreground Dice at the best-mIoU threshold")
     select_max_val_error: float | None = Field(
         None, ge=0, le=100,
         description="an epoch can become best only if its val_error (%) is at most this (while no epoch meets it, "
@@ -213,14 +215,19 @@ class SlidesConfig(Section):
     manifest: Path | None = Field(None, description="CSV with a 'slide' column (paths relative to it)")
     target_mpp: float = Field(1.0, gt=0, description="resolution the model sees (µm/px)")
     fallback_mpp: float | None = Field(None, gt=0, description="used when a slide has no mpp and no objective power")
-    tile_size: int = Field(256, ge=32)
-    overlap: int = Field(0, ge=0)
+    tile_size: int = Field(256, ge=32, description="tile side at target_mpp (a model package sets it)")
+    overlap: int | None = Field(None, ge=0, description="px between neighbouring tiles (default: a quarter of "
+                                "the tile, blended so that tile borders do not show)")
+    blend: Literal["gaussian", "constant"] = Field(
+        "gaussian", description="weights of overlapping tiles: MONAI's Gaussian importance map (tile borders "
+        "count little) or a plain average")
     min_tissue: float = Field(0.1, ge=0, le=1)
     tissue_mpp: float = Field(16.0, gt=0, description="resolution of the tissue mask")
     output_mpp: float = Field(4.0, gt=0, description="resolution of the stitched heatmap")
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(1, ge=0)
-    threshold: float | None = Field(None, gt=0, lt=1, description="default: tau chosen at evaluation, else 0.5")
+    threshold: float | None = Field(None, gt=0, lt=1, description="default: the model package's tau, chosen on "
+                                    "validation for the served score")
     score: Literal["weight", "weight_x_prob"] = Field(
         "weight_x_prob",
         description="heatmap value per pixel: the weight map, or the weight map times the tile's P(positive_class) "
@@ -232,7 +239,7 @@ class SlidesConfig(Section):
 
     @model_validator(mode="after")
     def _overlap_lt_tile(self):
-        if self.overlap >= self.tile_size:
+        if self.overlap is not None and self.overlap >= self.tile_size:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_size ({self.tile_size})")
         return self
 
@@ -278,7 +285,8 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _positive_class_known(self):
         pc = self.slides.positive_class
-        if pc is not None and pc not in self.data.classes:
+        # data.classes are the training classes; with `medwsol infer` the model package names them instead
+        if pc is not None and "classes" in self.data.model_fields_set and pc not in self.data.classes:
             raise ValueError(f"slides.positive_class: {pc!r} is not in data.classes {list(self.data.classes)}; "
                              "fix: name one of data.classes")
         return self

@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "RegistryError",
     "CheckpointError",
+    "PackageError",
     "TrackingError",
     "SlideError",
     "TrainingError",
@@ -39,6 +40,10 @@ class RegistryError(MedwsolError, KeyError):
 
 class CheckpointError(MedwsolError):
     """A checkpoint is missing, corrupted or does not match the model."""
+
+
+class PackageError(CheckpointError):
+    """A model package is missing, of a newer schema, corrupt, or does not fit its config."""
 
 
 class TrackingError(MedwsolError):

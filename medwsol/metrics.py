@@ -65,6 +65,7 @@ __all__ = [
     "iou",
     "boundary_f1",
     "classification_error",
+    "seam_ratio",
     "CRITERIA",
 ]
 
@@ -585,3 +586,57 @@ def classification_error(y_true: Any, y_pred: Any) -> float:
             "fix: pass one prediction per image"
         )
     return float(100.0 * np.count_nonzero(t != p) / t.size)
+
+
+def seam_ratio(heat: Any, coverage: Any, boxes: Any) -> dict[str, float]:
+    """How much a stitched heatmap jumps at tile edges compared with inside tiles.
+
+    For every pair of 4-neighbour heatmap pixels that are both covered, the step is ``|h(p) - h(q)|``.
+    A pair *straddles a tile edge* when some tile's left/right (or top/bottom) border runs between
+    the two pixels, within that tile's extent. The seam ratio is the mean step over straddling pairs
+    divided by the mean step over all other pairs: ~1 for a seamless map, >> 1 for a checkerboard
+    (maps rescaled tile by tile).
+
+    Args:
+        heat: ``[H, W]`` heatmap.
+        coverage: ``[H, W]`` bool, pixels covered by at least one tile (None: all).
+        boxes: int ``[N, 4]`` tile footprints ``(r0, c0, r1, c1)`` in heatmap pixels (end exclusive).
+
+    Returns:
+        ``{"seam_ratio", "edge_step", "inside_step", "n_edge_pairs", "n_inside_pairs"}``
+        (``seam_ratio`` is NaN when either set of pairs is empty or inside steps are all 0).
+
+    Example:
+        >>> import numpy as np
+        >>> from medwsol.metrics import seam_ratio
+        >>> heat = np.tile(np.linspace(0, 1, 8, dtype=np.float32), (4, 1))
+        >>> heat[:, 4:] += 0.5                      # a jump at column 4, where two tiles meet
+        >>> round(seam_ratio(heat, None, [(0, 0, 4, 4), (0, 4, 4, 8)])["seam_ratio"], 2)
+        9.0
+    """
+    h = np.asarray(heat, dtype=np.float64)
+    H, W = h.shape
+    cov = np.ones((H, W), bool) if coverage is None else np.asarray(coverage, bool)
+    edge_v = np.zeros((H, W + 1), bool)  # edge_v[r, c]: a tile border between columns c-1 and c
+    edge_h = np.zeros((H + 1, W), bool)  # edge_h[r, c]: a tile border between rows r-1 and r
+    for r0, c0, r1, c1 in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
+        r0, r1, c0, c1 = max(r0, 0), min(r1, H), max(c0, 0), min(c1, W)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        edge_v[r0:r1, c0] = True
+        edge_v[r0:r1, c1] = True
+        edge_h[r0, c0:c1] = True
+        edge_h[r1, c0:c1] = True
+    step_x = np.abs(np.diff(h, axis=1))  # pairs (r, c-1)-(r, c) for c = 1..W-1
+    ok_x = cov[:, 1:] & cov[:, :-1]
+    on_x = edge_v[:, 1:W]
+    step_y = np.abs(np.diff(h, axis=0))
+    ok_y = cov[1:, :] & cov[:-1, :]
+    on_y = edge_h[1:H, :]
+    edge = np.concatenate([step_x[ok_x & on_x], step_y[ok_y & on_y]])
+    inside = np.concatenate([step_x[ok_x & ~on_x], step_y[ok_y & ~on_y]])
+    e = float(edge.mean()) if edge.size else float("nan")
+    i = float(inside.mean()) if inside.size else float("nan")
+    ratio = e / i if edge.size and inside.size and i > 0 else float("nan")
+    return {"seam_ratio": ratio, "edge_step": e, "inside_step": i, "n_edge_pairs": int(edge.size),
+            "n_inside_pairs": int(inside.size)}

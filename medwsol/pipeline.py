@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import yaml
 
+from medwsol import stages as stage_impl
 from medwsol.config import STAGES, PipelineConfig, flatten
-from medwsol.errors import ConfigError, DataError, NotAvailableError
+from medwsol.errors import ConfigError
 from medwsol.io import write_text
 
 __all__ = ["RunContext", "run_pipeline", "resolve_run_dir", "latest_run_dir", "STAGE_FUNCS"]
@@ -77,91 +78,12 @@ def resolve_run_dir(cfg: PipelineConfig, run_dir: Path | None, stages: list[str]
 # -- stages ------------------------------------------------------------------------------------
 
 
-def stage_prepare(ctx: RunContext) -> None:
-    """Write ``data.manifest`` from the configured source."""
-    cfg = ctx.cfg
-    d = cfg.data
-    if d.source == "synthetic":
-        from medwsol.data.synthetic import make_synthetic_dataset
-
-        s = d.synthetic
-        out = d.manifest.parent
-        if d.manifest.is_file() and (out / ".medwsol-synthetic.json").is_file():
-            import json
-
-            if json.loads((out / ".medwsol-synthetic.json").read_text()) == s.model_dump():
-                ctx.results["manifest"] = d.manifest
-                return  # same seed and sizes: the files are already there
-        made = make_synthetic_dataset(
-            out, n_images=s.n_images, size=s.size, seed=s.seed, classes=tuple(d.classes),
-            valid_fraction=s.valid_fraction, test_fraction=s.test_fraction, n_valpx=s.n_valpx,
-        )
-        if Path(made) != d.manifest:
-            raise DataError(f"data.manifest: synthetic data writes {made}; fix: set data.manifest to {made}")
-        from medwsol.io import write_json
-
-        write_json(out / ".medwsol-synthetic.json", s.model_dump())
-    elif d.source == "glas":
-        from medwsol.data.glas import prepare_glas
-
-        prepare_glas(d.root, d.manifest)
-    elif d.source == "manifest":
-        from medwsol.data.manifest import assign_splits, load_manifest, write_manifest
-
-        df = load_manifest(d.manifest, d.classes, require_split=False)
-        if "split" not in df.columns or df["split"].isna().any() or (df["split"].astype(str).str.strip() == "").any():
-            df = assign_splits(df, seed=d.split_seed, n_folds=d.n_folds, n_valpx=d.synthetic.n_valpx)
-            write_manifest(df, d.manifest)
-    elif d.source == "slides":
-        from medwsol.data.slide_tiles import make_synthetic_slide_cohort, prepare_slide_tiles
-
-        t = d.tiles
-        slides_csv, ann = t.slides, t.annotations
-        if slides_csv is None:
-            # beside (not inside) the tile folder, which prepare_slide_tiles replaces atomically
-            cohort = d.manifest.parent.with_name(d.manifest.parent.name + "_cohort")
-            slides_csv = make_synthetic_slide_cohort(cohort, t.synthetic)
-            ann = Path(slides_csv).parent / "annotations" if ann is None else ann
-        prepare_slide_tiles(slides_csv, ann, d.manifest.parent, t, d.classes, cfg.seed,
-                            manifest_name=d.manifest.name, n_valpx=d.synthetic.n_valpx, n_folds=d.n_folds,
-                            progress=True)
-    ctx.results["manifest"] = d.manifest
-
-
-def stage_train(ctx: RunContext) -> None:
-    from medwsol.engine.train import train
-
-    ctx.results["train"] = train(ctx)
-
-
-def stage_evaluate(ctx: RunContext) -> None:
-    from medwsol.engine.evaluate import evaluate
-
-    ctx.results["evaluate"] = evaluate(ctx)
-
-
-def stage_infer(ctx: RunContext) -> None:
-    try:
-        from medwsol.engine.slides_stage import infer_stage
-    except ModuleNotFoundError as err:  # pragma: no cover
-        raise NotAvailableError(f"stage 'infer' is not available yet ({err}); fix: remove it from stages") from None
-    ctx.results["infer"] = infer_stage(ctx)
-
-
-def stage_export(ctx: RunContext) -> None:
-    try:
-        from medwsol.engine.slides_stage import export_stage
-    except ModuleNotFoundError as err:  # pragma: no cover
-        raise NotAvailableError(f"stage 'export' is not available yet ({err}); fix: remove it from stages") from None
-    ctx.results["export"] = export_stage(ctx)
-
-
-STAGE_FUNCS: dict[str, Callable[[RunContext], None]] = {
-    "prepare": stage_prepare,
-    "train": stage_train,
-    "evaluate": stage_evaluate,
-    "infer": stage_infer,
-    "export": stage_export,
+STAGE_FUNCS: dict[str, Callable[[RunContext], Any]] = {
+    "prepare": stage_impl.stage_prepare,
+    "train": stage_impl.stage_train,
+    "evaluate": stage_impl.stage_evaluate,
+    "infer": stage_impl.stage_infer,
+    "export": stage_impl.stage_export,
 }
 
 
@@ -173,8 +95,13 @@ def run_pipeline(
     resume: bool = False,
     model: str | None = None,
     tracker: Any = None,
+    package: bool = True,
 ) -> RunContext:
-    """Run ``stages`` (default: the YAML's) into a run directory and one tracking run."""
+    """Run ``stages`` (default: the YAML's) into a run directory and one tracking run.
+
+    When ``train`` is among the stages and ``package`` is true, the run's model package is built,
+    logged and registered right after the last of ``train``/``evaluate`` (:func:`medwsol.stages.package_run`).
+    """
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -202,6 +129,10 @@ def run_pipeline(
     tracker.set_tags({"pipeline": cfg.name, "run_dir": str(rd), "stages": ",".join(stages)})
     console.print(f"[bold]medwsol[/] {cfg.name}: stages {' → '.join(stages)}  run dir [cyan]{rd}[/]")
     status = "FAILED"
+    # the model package is built once the model stages of this invocation are done (after train, or after
+    # the evaluate that follows it), before infer/export, which load it
+    model_stages = [s for s in stages if s in ("train", "evaluate")]
+    package_after = model_stages[-1] if package and "train" in stages else None
     try:
         for s in stages:
             t0 = time.perf_counter()
@@ -210,6 +141,8 @@ def run_pipeline(
             dt = time.perf_counter() - t0
             tracker.log_metrics({f"stage_seconds.{s}": dt})
             console.print(f"[green]✓[/] {s} in {dt:.1f} s")
+            if s == package_after:
+                stage_impl.package_run(ctx)
         status = "FINISHED"
     finally:
         if own_tracker:
@@ -232,6 +165,7 @@ def _print_where(ctx: RunContext, console) -> None:
         ("overlays", rd / "eval" / "overlays.png"),
         ("slides summary", ctx.slides_dir / "slides.csv"),
         ("checkpoint", rd / "checkpoints" / "best.pt"),
+        ("model package", rd / "package" / "package.json"),
     ]:
         if p.exists():
             lines.append(f"  {label:15s} {p}")

@@ -21,7 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from medwsol.errors import TrackingError
 
-__all__ = ["Tracker", "NullTracker", "MLflowTracker", "make_tracker", "load_registered_model", "CHAMPION"]
+__all__ = ["Tracker", "NullTracker", "MLflowTracker", "make_tracker", "download_package", "serving_requirements",
+           "CHAMPION"]
 
 CHAMPION = "champion"
 
@@ -36,8 +37,9 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
-    def log_model(self, model: Any, name: str, example: Any) -> str | None: ...
-    def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool) -> dict: ...
+    def log_package(self, package_dir: str | Path, name: str = "model") -> str | None: ...
+    def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool,
+                 tags: dict[str, Any] | None = None, description: str | None = None) -> dict: ...
     def child(self, name: str) -> "Tracker": ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -66,10 +68,11 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.tags.update(tags)
 
-    def log_model(self, model: Any, name: str, example: Any) -> str | None:
+    def log_package(self, package_dir: str | Path, name: str = "model") -> str | None:
         return None
 
-    def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool) -> dict:
+    def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool,
+                 tags: dict[str, Any] | None = None, description: str | None = None) -> dict:
         return {}
 
     def child(self, name: str) -> "NullTracker":
@@ -184,35 +187,54 @@ class MLflowTracker:
             self.client.set_tag(self.run_id, k, str(v))
 
     # -- models ----------------------------------------------------------------------------------
-    def log_model(self, model: Any, name: str, example: Any) -> str | None:
-        """Log a torch model (pickle serialisation, so any tile size works); return its URI.
+    def log_package(self, package_dir: str | Path, name: str = "model") -> str:
+        """Log a model package as an MLflow pyfunc model ("models from code"); return its model URI.
 
-        Load it back with ``mlflow.pytorch.load_model`` (what ``--model models:/...`` does): the
-        module returns a ``WSOLOutput``, which MLflow's generic pyfunc serving cannot convert, so
-        MLflow's serving-example check is silenced rather than printing a misleading warning.
+        The pyfunc's code is :mod:`medwsol.pyfunc_model` (copied into the model), the package folder is
+        its artifact ``package``, and the medwsol sources travel as ``code_paths``, so the requirements
+        name only packages an index serves (torch, monai, safetensors, ...). Nothing is pickled.
         """
         import logging
+        import warnings
 
         import mlflow
-        import mlflow.pytorch
+        import mlflow.pyfunc
         import numpy as np
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1), "weight_map")]),
-        )
-        import torch
+        import medwsol
+        from medwsol import pyfunc_model
+        from medwsol.package import read_package_meta
 
-        reqs = [f"torch=={torch.__version__.split('+')[0]}", "monai", "medwsol"]
+        meta = read_package_meta(package_dir)
+        size = int(meta["input"]["tile_size"])
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "tiles")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(meta["classes"])), "probs"),
+                            TensorSpec(np.dtype(np.float32), (-1, -1, -1), "weight_map"),
+                            TensorSpec(np.dtype(np.float32), (-1, -1, -1), "score")]),
+        )
+        example = np.random.default_rng(0).integers(0, 256, (1, min(size, 64), min(size, 64), 3), dtype=np.uint8)
         mlflow.set_tracking_uri(self.uri)
-        quiet = [logging.getLogger(n) for n in ("mlflow.models.model", "mlflow.pytorch")]
+        quiet = [logging.getLogger(n) for n in ("mlflow.models.model", "mlflow.pyfunc", "mlflow.models.signature")]
         levels = [lg.level for lg in quiet]
         for lg in quiet:
             lg.setLevel(logging.ERROR)
         try:
-            info = self._log_model(mlflow, model, name, signature, example, reqs)
+            with warnings.catch_warnings(), mlflow.start_run(run_id=self.run_id,
+                                                             nested=mlflow.active_run() is not None):
+                # the predict method takes tensors, not the typed records MLflow's type hints describe
+                warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
+                info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=pyfunc_model.__file__,
+                    artifacts={"package": str(package_dir)},
+                    code_paths=[str(Path(medwsol.__file__).parent)],
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=serving_requirements(),
+                )
         finally:
             for lg, lv in zip(quiet, levels):
                 lg.setLevel(lv)
@@ -220,44 +242,47 @@ class MLflowTracker:
         self.client.update_run(self.run_id, status="RUNNING")
         return info.model_uri
 
-    def _log_model(self, mlflow, model, name, signature, example, reqs):
-        import numpy as np
+    def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool,
+                 tags: dict[str, Any] | None = None, description: str | None = None) -> dict:
+        """Register a new version; move the ``champion`` alias only where it is a fair comparison.
 
-        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-            return mlflow.pytorch.log_model(
-                model,
-                name=name,
-                serialization_format="pickle",
-                signature=signature,
-                input_example=np.asarray(example, dtype=np.float32),
-                pip_requirements=reqs,
-            )
-
-    def register(self, model_uri: str, name: str, metric: str, value: float, higher_is_better: bool) -> dict:
-        """Register a new version; move the champion alias only if ``value`` beats the champion's."""
+        The alias moves to the new version only when (1) its run met the classification guard
+        (tag ``guard_met``), (2) the current champion was trained on the same data manifest (tag
+        ``data_manifest_sha256``) with the same selection metric, and (3) its ``value`` beats the
+        champion's. Otherwise the version is registered without the alias and the reason is printed
+        by the caller and tagged (``champion_reason``). The alias always ends on the best eligible
+        version (re-checked after setting it), so concurrent registrations never move it backwards.
+        """
         import mlflow
 
+        tags = {k: str(v) for k, v in (tags or {}).items()}
         mlflow.set_tracking_uri(self.uri)
         mv = mlflow.register_model(model_uri, name)
         version = str(mv.version)
-        self.client.set_model_version_tag(name, version, "select_metric", metric)
-        self.client.set_model_version_tag(name, version, "select_value", repr(float(value)))
-        self.client.set_model_version_tag(name, version, "run_id", str(self.run_id))
-        prev_version, prev_value = None, None
-        try:
-            champ = self.client.get_model_version_by_alias(name, CHAMPION)
-            prev_version = str(champ.version)
-            tags = champ.tags or {}
-            if tags.get("select_metric") == metric and "select_value" in tags:
-                prev_value = float(tags["select_value"])
-        except Exception:  # noqa: BLE001 - no champion yet
-            champ = None
-        if champ is None or prev_value is None:
-            moved = True
-        else:
-            moved = value > prev_value if higher_is_better else value < prev_value
-        if moved:
-            self.client.set_registered_model_alias(name, CHAMPION, version)
+        for k, v in {**tags, "select_metric": metric, "select_value": repr(float(value)),
+                     "higher_is_better": str(bool(higher_is_better)), "run_id": str(self.run_id)}.items():
+            self.client.set_model_version_tag(name, version, k, v)
+        if description:
+            self.client.update_model_version(name, version, description=description)
+        champ = self._champion(name)
+        prev_version = None if champ is None else str(champ.version)
+        prev_tags = {} if champ is None else dict(champ.tags or {})
+        prev_value = float(prev_tags["select_value"]) if "select_value" in prev_tags else None
+        reason = None
+        if tags.get("guard_met", "True") != "True":
+            reason = "its run did not meet the classification guard (train.select_max_val_error)"
+        elif champ is not None and prev_tags.get("data_manifest_sha256") != tags.get("data_manifest_sha256"):
+            reason = (f"champion v{prev_version} was trained on another data manifest; promote by hand "
+                      f"(mlflow: set alias {CHAMPION!r}) if you mean to compare them")
+        elif champ is not None and prev_tags.get("select_metric") not in (None, metric):
+            reason = f"champion v{prev_version} was selected on {prev_tags.get('select_metric')}, this one on {metric}"
+        if reason is None:
+            best = self._promote(name, tags.get("data_manifest_sha256"), metric, higher_is_better)
+            if best != version:
+                reason = f"its {metric} {float(value):.4g} does not beat champion v{best}"
+        moved = reason is None
+        self.client.set_model_version_tag(name, version, "champion_reason", reason or "best eligible version")
+        champion = self._champion(name)
         result = {
             "registered_model": name,
             "version": version,
@@ -266,10 +291,40 @@ class MLflowTracker:
             "previous_champion_version": prev_version,
             "previous_champion_value": prev_value,
             "champion_moved": moved,
-            "champion_version": version if moved else prev_version,
+            "champion_version": None if champion is None else str(champion.version),
+            "reason": reason,
         }
         self.set_tags({f"registry.{k}": v for k, v in result.items()})
         return result
+
+    def _champion(self, name: str):
+        try:
+            return self.client.get_model_version_by_alias(name, CHAMPION)
+        except Exception:  # noqa: BLE001 - no champion yet
+            return None
+
+    def _promote(self, name: str, manifest: str | None, metric: str, higher: bool, rounds: int = 3) -> str | None:
+        """Point the alias at the best eligible version; re-read and repeat until it stays there."""
+        import time
+
+        best = None
+        for _ in range(rounds):
+            eligible = []
+            for mv in self.client.search_model_versions(f"name = '{name}'"):
+                t = mv.tags or {}
+                if (t.get("data_manifest_sha256") == manifest and t.get("select_metric") == metric
+                        and t.get("guard_met", "True") == "True" and "select_value" in t):
+                    v = float(t["select_value"])
+                    eligible.append(((v if higher else -v), -int(mv.version), str(mv.version)))
+            if not eligible:
+                return None
+            best = max(eligible)[2]
+            champ = self._champion(name)
+            if champ is not None and str(champ.version) == best:
+                return best
+            self.client.set_registered_model_alias(name, CHAMPION, best)
+            time.sleep(0.05)
+        return best
 
     def child(self, name: str) -> "MLflowTracker":
         exp = self.client.get_experiment(self.experiment_id).name
@@ -287,16 +342,36 @@ def make_tracker(tracking_cfg: Any, run_name: str, run_id: str | None = None) ->
     return MLflowTracker(tracking_cfg.uri, tracking_cfg.experiment, run_name=run_name, run_id=run_id)
 
 
-def load_registered_model(uri: str, tracking_uri: str, map_location: str = "cpu"):
-    """Load a ``models:/name@alias`` (or ``models:/name/version``) torch model from the registry."""
-    _check_uri(tracking_uri)
-    import mlflow.pytorch
+def serving_requirements() -> list[str]:
+    """pip requirements of the logged pyfunc: what its code imports, pinned to the versions here."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    reqs = []
+    for dist in ("torch", "monai", "safetensors", "numpy", "pydantic", "pyyaml", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:  # pragma: no cover - every one is a dependency
+            reqs.append(dist)
+    return reqs
+
+
+def download_package(uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """Download the model package of a registered model (``models:/name@alias``, ``models:/name/3``,
+    ``runs:/<id>/model``) into ``dst``; return the package folder. Nothing is unpickled or executed."""
+    _check_uri(tracking_uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
     try:
-        return mlflow.pytorch.load_model(uri, map_location=map_location)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
     except Exception as err:  # noqa: BLE001
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise TrackingError(
             f"--model {uri}: cannot load from the model registry at {tracking_uri} ({first}); "
-            "fix: check the name and alias with `mlflow ui`, or pass a checkpoint path"
+            "fix: check the name and alias with `mlflow ui`, or pass a package folder"
         ) from None
+    found = sorted(local.rglob("package.json"))
+    if not found:
+        raise TrackingError(f"--model {uri}: the registered model has no medwsol package (an older medwsol registered "
+                            "a pickled module); fix: re-register it with this medwsol (train again), or pass a package")
+    return found[0].parent

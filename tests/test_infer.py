@@ -16,7 +16,8 @@ import tifffile
 import torch
 
 from medwsol.config import SlidesConfig
-from medwsol.engine.infer import BandedZarrMerger, infer_cohort, infer_slide, load_heatmap
+from medwsol.engine.infer import BandedZarrMerger, infer_cohort, infer_slide, load_heatmap, rebuild_summary
+from medwsol.engine.served import ServedModel
 from medwsol.methods.base import WSOLOutput
 
 CLASSES = ["benign", "malignant"]
@@ -73,9 +74,14 @@ class ChannelModel(torch.nn.Module):
         return WSOLOutput(logits=torch.zeros(x.shape[0], 2), weight_map=w)
 
 
+def serve(module, tau=0.5, score="weight", positive="malignant", digest=None):
+    """The ServedModel the slide path runs (no map range: the test modules' maps are served as they are)."""
+    return ServedModel(module, CLASSES, positive, score, map_range=None, tau=tau, tau_source="test", digest=digest)
+
+
 def cfg(**kw):
     base = dict(target_mpp=1.0, tile_size=64, overlap=0, output_mpp=4.0, tissue_mpp=8.0, min_tissue=0.1,
-                batch_size=16, num_workers=0, overwrite=False, score="weight")
+                batch_size=16, num_workers=0, overwrite=False)
     base.update(kw)
     return SlidesConfig(**base)
 
@@ -96,7 +102,7 @@ def grad_slide(tmp_path_factory):
 def test_constant_model_gives_seamless_constant_heatmap(tmp_path, grad_slide, overlap, target_mpp, output_mpp, disk):
     """Any overlap, and tile/heatmap pixel ratios that are not integers (boxes of varying size)."""
     c = cfg(overlap=overlap, target_mpp=target_mpp, output_mpp=output_mpp, tile_size=128)
-    row = infer_slide(ConstModel(0.7), grad_slide, c, tmp_path, "cpu", CLASSES, 0.5, progress=False,
+    row = infer_slide(serve(ConstModel(0.7), tau=0.5), grad_slide, c, tmp_path, "cpu", progress=False,
                       disk_threshold_px=0 if disk else 10**9)
     assert row["status"] == "ok" and row["tiles"] > 4
     heat, cov, meta = load_heatmap(tmp_path / "grad")
@@ -113,7 +119,7 @@ def test_constant_model_gives_seamless_constant_heatmap(tmp_path, grad_slide, ov
 @pytest.mark.parametrize("ch, overlap, disk", [(0, 0, False), (1, 0, False), (0, 48, True), (1, 48, True)])
 def test_heatmap_follows_slide_coordinates(tmp_path, grad_slide, ch, overlap, disk):
     """x increases left to right (ch 0), y top to bottom (ch 1): no transposed or shifted axes."""
-    row = infer_slide(ChannelModel(ch), grad_slide, cfg(overlap=overlap, tile_size=128), tmp_path, "cpu", CLASSES, 0.5,
+    row = infer_slide(serve(ChannelModel(ch), tau=0.5), grad_slide, cfg(overlap=overlap, tile_size=128), tmp_path, "cpu",
                       progress=False, disk_threshold_px=0 if disk else 10**9)
     assert row["status"] == "ok"
     heat, cov, meta = load_heatmap(tmp_path / "grad")
@@ -137,8 +143,9 @@ def test_heatmap_follows_slide_coordinates(tmp_path, grad_slide, ch, overlap, di
 @pytest.mark.parametrize("positive, expected", [(None, 0.7 / (1 + np.exp(-1.0))), ("benign", 0.7 / (1 + np.exp(1.0)))])
 def test_weight_x_prob_scales_the_map_by_the_positive_class(tmp_path, grad_slide, positive, expected):
     """``score: weight_x_prob``: heatmap = weight map x softmax(logits)[positive_class] (default: last class)."""
-    c = cfg(score="weight_x_prob", positive_class=positive, tile_size=128)
-    infer_slide(ConstModel(0.7), grad_slide, c, tmp_path, "cpu", CLASSES, 0.5, progress=False)
+    c = cfg(tile_size=128)
+    infer_slide(serve(ConstModel(0.7), score="weight_x_prob", positive=positive or "malignant"), grad_slide, c,
+                tmp_path, "cpu", progress=False)
     heat, _, meta = load_heatmap(tmp_path / "grad")
     np.testing.assert_allclose(np.asarray(heat[:]), expected, atol=1e-5)
     assert meta["score"] == "weight_x_prob" and meta["positive_class"] == (positive or "malignant")
@@ -176,8 +183,8 @@ def test_banded_zarr_merger_matches_avg_merger(tmp_path):
 
 def test_outputs_contract_and_worker_loader(tmp_path):
     slide = write_slide(tmp_path / "isl.tif", islands(1000, 1400, [(400, 400, 250), (1050, 600, 260)]))
-    row = infer_slide(ConstModel(0.3), slide, cfg(num_workers=1, batch_size=5), tmp_path / "out", "cpu", CLASSES,
-                      0.4, progress=True)
+    row = infer_slide(serve(ConstModel(0.3), tau=0.4), slide, cfg(num_workers=1, batch_size=5), tmp_path / "out", "cpu",
+                      progress=True)
     out = tmp_path / "out" / "isl"
     assert row["status"] == "ok" and row["outputs"] == str(out) and row["tiles_per_s"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["coverage.npy", "heatmap.npy", "meta.json", "tiles.csv"]
@@ -202,8 +209,8 @@ def test_slide_smaller_than_one_tile(tmp_path):
     img = np.zeros((80, 100, 3), np.uint8)
     img[:] = (205, 110, 170)
     slide = write_slide(tmp_path / "tiny.tif", img, levels=1, tile=16)
-    row = infer_slide(ChannelModel(0), slide, cfg(tile_size=128, target_mpp=0.5, output_mpp=2.0), tmp_path / "o", "cpu",
-                      CLASSES, 0.5, progress=False)
+    row = infer_slide(serve(ChannelModel(0)), slide, cfg(tile_size=128, target_mpp=0.5, output_mpp=2.0), tmp_path / "o",
+                      "cpu", progress=False)
     assert row["status"] == "ok" and row["tiles"] == 1
     heat, cov, meta = load_heatmap(tmp_path / "o" / "tiny")
     assert heat.shape == (20, 25) and cov.all()
@@ -213,8 +220,7 @@ def test_slide_smaller_than_one_tile(tmp_path):
 def test_no_mpp_slide_uses_fallback_with_warning(tmp_path):
     slide = write_slide(tmp_path / "nompp.tif", gradient(600, 800), mpp=None, levels=1)
     with pytest.warns(UserWarning, match="fallback_mpp"):
-        row = infer_slide(ConstModel(), slide, cfg(fallback_mpp=0.5), tmp_path / "o", "cpu", CLASSES, None,
-                          progress=False)
+        row = infer_slide(serve(ConstModel()), slide, cfg(fallback_mpp=0.5), tmp_path / "o", "cpu", progress=False)
     assert row["status"] == "ok"
     meta = json.loads((tmp_path / "o" / "nompp" / "meta.json").read_text())
     assert meta["mpp_source"] == "fallback" and meta["slide_mpp"] == 0.5 and meta["threshold"] == 0.5
@@ -240,8 +246,8 @@ def test_cohort_records_failures_skips_on_rerun(tmp_path):
     slides = [good[0], junk, blank, nompp, badtile, good[1]]
     c = cfg(target_mpp=0.5, num_workers=1)
     with pytest.warns(UserWarning):
-        df = infer_cohort(ConstModel(), slides, c, tmp_path / "out", "cpu", CLASSES, 0.5, progress=False)
-    assert list(df.columns) == ["slide", "status", "error", "tiles", "seconds", "tiles_per_s", "max_score",
+        df = infer_cohort(serve(ConstModel()), slides, c, tmp_path / "out", "cpu", progress=False)
+    assert list(df.columns) == ["slide", "name", "status", "error", "tiles", "seconds", "tiles_per_s", "max_score",
                                 "mean_score", "outputs"]
     assert df.status.tolist() == ["ok", "failed", "empty", "failed", "failed", "ok"]
     err = dict(zip(df.slide, df.error.fillna("")))
@@ -270,13 +276,54 @@ def test_cohort_records_failures_skips_on_rerun(tmp_path):
 
     tr = Tracker()
     with pytest.warns(UserWarning):
-        again = infer_cohort(ConstModel(), slides, c.model_copy(update={"num_workers": 0}), tmp_path / "out", "cpu",
-                             CLASSES, 0.5, tracker=tr, progress=False)
+        again = infer_cohort(serve(ConstModel()), slides, c.model_copy(update={"num_workers": 0}), tmp_path / "out",
+                             "cpu", tracker=tr, progress=False)
     assert again.status.tolist() == ["skipped", "failed", "skipped", "failed", "failed", "skipped"]
     assert again.tiles[0] == df.tiles[0] and again.max_score[0] == pytest.approx(df.max_score[0])
     assert tr.metrics["slides_skipped"] == 3 and tr.metrics["slides_failed"] == 3 and tr.artifacts
     fixed = c.model_copy(update={"overwrite": True, "fallback_mpp": 0.5, "num_workers": 0})
     with pytest.warns(UserWarning):
-        third = infer_cohort(ConstModel(), [good[0], nompp], fixed, tmp_path / "out", "cpu", CLASSES, 0.5,
-                             progress=False)
+        third = infer_cohort(serve(ConstModel()), [good[0], nompp], fixed, tmp_path / "out", "cpu", progress=False)
     assert third.status.tolist() == ["ok", "ok"]
+
+
+def test_resume_is_keyed_on_package_slide_and_settings(tmp_path):
+    """A finished slide is skipped only when the model, the slide file and the output settings are unchanged;
+    two slides with the same stem in different folders get distinct outputs; slides.csv can be rebuilt."""
+    import os
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_slide(tmp_path / "a" / "s.tif", islands(700, 900, [(350, 350, 220)]))
+    b = write_slide(tmp_path / "b" / "s.tif", islands(700, 900, [(500, 350, 220)]))
+    out = tmp_path / "out"
+    c = cfg(target_mpp=0.5)
+    first = infer_cohort(serve(ConstModel(0.3), digest="sha256:one"), [a, b], c, out, "cpu", progress=False)
+    assert first.status.tolist() == ["ok", "ok"]
+    names = first.name.tolist()
+    assert len(set(names)) == 2 and all(n.startswith("s-") for n in names)  # same stem: distinct folders
+    assert json.loads((out / names[0] / "meta.json").read_text())["slide"] == str(a.resolve())
+    assert json.loads((out / names[1] / "meta.json").read_text())["slide"] == str(b.resolve())
+
+    same = infer_cohort(serve(ConstModel(0.3), digest="sha256:one"), [a, b], c, out, "cpu", progress=False)
+    assert same.status.tolist() == ["skipped", "skipped"]
+    # another model package: recomputed, and the heatmap is the new model's
+    new = infer_cohort(serve(ConstModel(0.6), digest="sha256:two"), [a, b], c, out, "cpu", progress=False)
+    assert new.status.tolist() == ["ok", "ok"]
+    heat, cov, _ = load_heatmap(out / names[0])
+    np.testing.assert_allclose(np.asarray(heat)[np.asarray(cov)], 0.6, atol=1e-6)
+    # the same package with another threshold, another output resolution, or a changed slide file: recomputed
+    assert infer_cohort(serve(ConstModel(0.6), tau=0.7, digest="sha256:two"), [a], c, out, "cpu",
+                        progress=False).status.tolist() == ["ok"]
+    assert infer_cohort(serve(ConstModel(0.6), tau=0.7, digest="sha256:two"), [a], c.model_copy(update={"output_mpp": 8.0}),
+                        out, "cpu", progress=False).status.tolist() == ["ok"]
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert infer_cohort(serve(ConstModel(0.6), tau=0.7, digest="sha256:two"), [a], c.model_copy(update={"output_mpp": 8.0}),
+                        out, "cpu", progress=False).status.tolist() == ["ok"]
+
+    # a crash after the records were written: slides.csv comes back from them
+    (out / "slides.csv").unlink()
+    rebuilt = rebuild_summary(out)
+    assert sorted(rebuilt.name) == sorted(names) and set(rebuilt.status) == {"ok"}
+    assert pd.read_csv(out / "slides.csv").shape[0] == 2

@@ -222,7 +222,7 @@ def test_minmax_mask_is_pseudo_binary_of_normalised_map():
     m = make("minmax_entropy", sigmoid_w=5.0, sigmoid_sigma=0.2).eval()
     with torch.no_grad():
         out = m(batch((70, 90))["image"])
-    raw = out.extras["raw_map"]
+    raw = out.extras["norm_map"]
     assert tuple(raw.shape) == (2, 1, 70, 90)
     assert torch.allclose(raw.flatten(1).amin(1), torch.zeros(2))
     assert torch.allclose(raw.flatten(1).amax(1), torch.ones(2), atol=1e-4)

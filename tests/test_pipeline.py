@@ -38,14 +38,24 @@ def _runs(tmp: Path) -> list[Path]:
 @pytest.mark.slow
 def test_run_register_and_evaluate_from_registry(tmp_path):
     demo = str(ROOT / "pipelines/demo.yaml")
-    run_cli(tmp_path, "run", demo)
+    # 2 epochs of a tiny CAM may not meet the demo's classification guard, and a version whose run missed
+    # the guard is registered without the champion alias: drop the guard here (test_package.py tests it)
+    guard = ["train.select_max_val_error=null"]
+    run_cli(tmp_path, "run", demo, sets=guard)
     rd = _runs(tmp_path)[-1]
     for f in ("config.yaml", "train_log.csv", "train_curves.png", "checkpoints/best.pt", "checkpoints/last.pt",
-              "eval/metrics.json", "eval/table.md", "eval/overlays.png", "mlflow_run_id"):
+              "eval/metrics.json", "eval/table.md", "eval/overlays.png", "mlflow_run_id", "package/package.json",
+              "package/weights.safetensors"):
         assert (rd / f).is_file(), f
     log = pd.read_csv(rd / "train_log.csv")
-    assert list(log.epoch) == [1, 2] and {"train_total", "valpx_pxap", "val_error"} <= set(log.columns)
+    assert list(log.epoch) == [1, 2] and {"train_total", "valpx_pxap", "valpx_dice", "val_error"} <= set(log.columns)
     logged = json.loads((rd / "eval/metrics.json").read_text())
+    pkg = json.loads((rd / "package/package.json").read_text())
+    # the package carries what validation chose for the served score, and the test metrics of that score
+    assert pkg["calibration"] == logged["served"]["calibration"]
+    assert pkg["calibration"]["tau"] == logged["served"]["tau"] and pkg["calibration"]["score"] == "weight"
+    assert pkg["provenance"]["metrics"]["served_test"]["pxap"] == pytest.approx(logged["served"]["test"]["pxap"])
+    assert pkg["provenance"]["data_manifest_sha256"] and pkg["classes"] == ["benign", "malignant"]
 
     from mlflow.tracking import MlflowClient
 
@@ -59,10 +69,13 @@ def test_run_register_and_evaluate_from_registry(tmp_path):
     assert str(mv.version) == "1"
 
     # the champion from the registry reproduces the logged test metrics
-    run_cli(tmp_path, "evaluate", demo, "--model", "models:/medwsol-demo@champion")
+    run_cli(tmp_path, "evaluate", demo, "--model", "models:/medwsol-demo@champion", sets=guard)
     again = json.loads((_runs(tmp_path)[-1] / "eval/metrics.json").read_text())
     assert again["test"]["pxap"] == pytest.approx(logged["test"]["pxap"], abs=1e-3)
     assert again["test"]["tau"]["f1_neg"] == pytest.approx(logged["test"]["tau"]["f1_neg"], abs=1e-3)
+    # ... and the served view, with the package's own tau (not re-fitted)
+    assert again["served"]["tau"] == logged["served"]["tau"]
+    assert again["served"]["test"]["tau"]["dice_fg"] == pytest.approx(logged["served"]["test"]["tau"]["dice_fg"], abs=1e-3)
 
 
 @pytest.mark.slow

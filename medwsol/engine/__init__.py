@@ -4,4 +4,4 @@ Import the submodules directly (``from medwsol.engine.infer import infer_cohort`
 imports nothing itself, so ``import medwsol.engine`` stays free of torch and MONAI.
 """
 
-__all__ = ["evaluate", "infer", "models", "runtime", "train"]
+__all__ = ["evaluate", "infer", "runtime", "served", "train"]

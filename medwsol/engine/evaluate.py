@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,41 +18,50 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from medwsol.engine.runtime import amp_dtype, autocast, select_device, to_device
+from medwsol.engine.runtime import amp_dtype, autocast, to_device
 from medwsol.io import write_json, write_text
 
-__all__ = ["evaluate", "predict", "score_split", "evaluate_model", "make_eval_loader", "metrics_table"]
+__all__ = ["predict", "score_split", "evaluate_model", "make_eval_loader", "metrics_table", "flat_metrics",
+           "calibrate", "EvalResult", "EVAL_PAD_VALUE"]
 
-_MEAN = (0.485, 0.456, 0.406)
+#: Value of padded pixels, as the training chain pads (MONAI ``SpatialPadd``, constant 0).
+EVAL_PAD_VALUE = 0.0
 
 
 def _pad_collate(pad_to: int):
-    """Collate images of different sizes: pad bottom/right with the ImageNet mean colour."""
+    """Pad each image on its own (bottom/right, to a multiple of ``pad_to``); group equal sizes.
 
-    def collate(items: list[dict]) -> dict:
-        hs = [int(it["image"].shape[-2]) for it in items]
-        ws = [int(it["image"].shape[-1]) for it in items]
-        H = -(-max(hs) // pad_to) * pad_to
-        W = -(-max(ws) // pad_to) * pad_to
-        imgs = torch.empty(len(items), 3, H, W)
-        for c in range(3):
-            imgs[:, c] = _MEAN[c]
-        masks = None
-        if all("mask" in it for it in items):
-            masks = torch.zeros(len(items), 1, H, W)
+    Returns a list of sub-batches (dicts as a normal collate makes them, plus ``size``): the padding
+    of an image never depends on the other images of the loader's batch.
+    """
+
+    def collate(items: list[dict]) -> list[dict]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        padded = []
         for i, it in enumerate(items):
-            im = torch.as_tensor(it["image"])
-            imgs[i, :, : hs[i], : ws[i]] = im[:3]
+            h, w = (int(v) for v in it["image"].shape[-2:])
+            H, W = -(-h // pad_to) * pad_to, -(-w // pad_to) * pad_to
+            groups.setdefault((H, W), []).append(i)
+            padded.append((h, w, H, W))
+        out = []
+        for (H, W), idx in groups.items():
+            imgs = torch.full((len(idx), 3, H, W), EVAL_PAD_VALUE)
+            masks = torch.zeros(len(idx), 1, H, W) if all("mask" in items[i] for i in idx) else None
+            for j, i in enumerate(idx):
+                h, w = padded[i][:2]
+                imgs[j, :, :h, :w] = torch.as_tensor(items[i]["image"])[:3]
+                if masks is not None:
+                    masks[j, :, :h, :w] = torch.as_tensor(items[i]["mask"])[:1]
+            b = {
+                "image": imgs,
+                "label": torch.as_tensor([int(torch.as_tensor(items[i]["label"]).item()) for i in idx]),
+                "size": torch.as_tensor([padded[i][:2] for i in idx]),
+                "name": [str(items[i].get("name", i)) for i in idx],
+                "order": idx,  # positions in the loader's batch: predict yields images in manifest order
+            }
             if masks is not None:
-                masks[i, :, : hs[i], : ws[i]] = torch.as_tensor(it["mask"])[:1]
-        out = {
-            "image": imgs,
-            "label": torch.as_tensor([int(torch.as_tensor(it["label"]).item()) for it in items]),
-            "size": torch.as_tensor(list(zip(hs, ws))),
-            "name": [str(it.get("name", i)) for i, it in enumerate(items)],
-        }
-        if masks is not None:
-            out["mask"] = masks
+                b["mask"] = masks
+            out.append(b)
         return out
 
     return collate
@@ -79,37 +89,81 @@ def make_eval_loader(records: list[dict], cfg, cache: bool = True):
     )
 
 
-@torch.no_grad()
-def predict(model, loader, device: torch.device, dtype=None, channels_last: bool = False) -> Iterator[dict]:
-    """Yield one dict per image: name, label, probs [C], map HxW float32, mask HxW bool|None, image HxWx3."""
-    model.eval()
+def _batches(loader) -> Iterator[dict]:
     for batch in loader:
-        b = to_device(batch, device, channels_last)
-        with autocast(device, dtype):
-            out = model(b["image"])
-        if not (torch.isfinite(out.weight_map).all() and torch.isfinite(out.logits).all()):
-            from medwsol.errors import TrainingError
+        yield from (batch if isinstance(batch, list) else [batch])
 
-            raise TrainingError(
-                f"the model produced NaN/inf outputs (first batch: {batch['name'][0]}); the weights diverged; "
-                "fix: use an earlier checkpoint, lower train.lr or enable train.grad_clip"
-            )
-        probs = F.softmax(out.logits.float(), dim=1).cpu().numpy()
-        maps = out.weight_map.float().clamp(0, 1).cpu().numpy()[:, 0]
-        masks = batch.get("mask")
-        for i, (h, w) in enumerate(batch["size"].tolist()):
-            yield {
-                "name": batch["name"][i],
-                "label": int(batch["label"][i]),
-                "probs": probs[i],
-                "map": maps[i, :h, :w],
-                "mask": None if masks is None else masks[i, 0, :h, :w].numpy() > 0.5,
-                "image": batch["image"][i, :, :h, :w],
-            }
+
+def _in_order(loader) -> Iterator[list[dict]]:
+    """The size groups of each loader batch (one list per batch, to be re-ordered by ``order``)."""
+    for batch in loader:
+        yield batch if isinstance(batch, list) else [batch]
+
+
+@torch.no_grad()
+def predict(model, loader, device: torch.device, dtype=None, channels_last: bool = False,
+            served=None) -> Iterator[dict]:
+    """Yield one dict per image: name, label, probs [C], map HxW float32, mask HxW bool|None, image 3xHxW.
+
+    ``model`` is a ``WSOLMethod`` (``map`` = its weight map) or a
+    :class:`~medwsol.engine.served.ServedModel` (``map`` = the served score). With ``served`` (the
+    ServedModel of ``model``) each dict also has ``served_probs`` and ``served_map``, from the same
+    forward pass.
+    """
+    model.eval()
+    for groups in _in_order(loader):
+        done: list[tuple[int, dict]] = []
+        for batch in groups:
+            done += _predict_group(model, batch, device, dtype, channels_last, served)
+        yield from (r for _, r in sorted(done, key=lambda t: t[0]))
+
+
+def _predict_group(model, batch: dict, device, dtype, channels_last: bool, served) -> list[tuple[int, dict]]:
+    """One forward pass over a group of equal-size images; ``(position in the loader batch, result)`` each."""
+    from medwsol.engine.served import ServedModel
+
+    b = to_device(batch, device, channels_last)
+    sp = ss = None
+    with autocast(device, dtype):
+        if isinstance(model, ServedModel):
+            probs_t, _, maps_t = model(b["image"])
+        else:
+            out = model(b["image"])
+            probs_t, maps_t = F.softmax(out.logits.float(), dim=1), out.weight_map
+            if served is not None:
+                sp, _, ss = served.serve(out)
+    if not (torch.isfinite(maps_t).all() and torch.isfinite(probs_t).all()):
+        from medwsol.errors import TrainingError
+
+        raise TrainingError(
+            f"the model produced NaN/inf outputs (first batch: {batch['name'][0]}); the weights diverged; "
+            "fix: use an earlier checkpoint, lower train.lr or enable train.grad_clip"
+        )
+    probs = probs_t.float().cpu().numpy()
+    maps = maps_t.float().clamp(0, 1).cpu().numpy()[:, 0]
+    if ss is not None:
+        sp, ss = sp.float().cpu().numpy(), ss.float().clamp(0, 1).cpu().numpy()[:, 0]
+    masks = batch.get("mask")
+    order = batch.get("order") or list(range(len(batch["name"])))
+    rows = []
+    for i, (h, w) in enumerate(batch["size"].tolist()):
+        r = {
+            "name": batch["name"][i],
+            "label": int(batch["label"][i]),
+            "probs": probs[i],
+            "map": maps[i, :h, :w],
+            "mask": None if masks is None else masks[i, 0, :h, :w].numpy() > 0.5,
+            "image": batch["image"][i, :, :h, :w],
+        }
+        if ss is not None:
+            r["served_probs"], r["served_map"] = sp[i], ss[i, :h, :w]
+        rows.append((order[i], r))
+    return rows
 
 
 def score_split(model, loader, device, dtype=None, channels_last=False, n_bins: int = 1000) -> dict[str, float]:
-    """Quick scores of a split for model selection: error, loss, PxAP and best mIoU (when masks exist)."""
+    """Quick scores of a split for model selection: error, loss, and (when masks exist) PxAP, the
+    best-mIoU threshold ``tau``, mIoU and the dataset-level foreground Dice at ``tau``."""
     from medwsol.metrics import PixelPR
 
     pr = PixelPR(n_bins=n_bins)
@@ -124,7 +178,8 @@ def score_split(model, loader, device, dtype=None, channels_last=False, n_bins: 
     out = {"error": 100.0 * wrong / max(n, 1), "loss": loss / max(n, 1), "n": n}
     if has_mask:
         tau, miou = pr.best_threshold("miou")
-        out.update({"pxap": 100.0 * pr.pxap(), "miou": 100.0 * miou, "tau": tau})
+        out.update({"pxap": 100.0 * pr.pxap(), "miou": 100.0 * miou, "tau": tau,
+                    "dice": 100.0 * float(pr.dice_at(tau)[0])})
     return out
 
 
@@ -166,9 +221,79 @@ def _split_metrics(results: list[dict], tau: float, n_bins: int, tol: int) -> di
     return out
 
 
-def evaluate_model(model, cfg, df, device, out_dir: Path | None = None, console: Console | None = None,
-                   classes: list[str] | None = None) -> dict[str, Any]:
-    """Run the protocol on ``df`` (a loaded manifest); write files to ``out_dir`` when given."""
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_model` measured; the pipeline draws the pictures from it.
+
+    Attributes:
+        metrics: the ``metrics.json`` content (protocol per split, ``threshold``, ``served``).
+        pr_curves: ``{name: (precision, recall, label)}`` per evaluated split (``served_<split>`` too).
+        overlay_rows: rows for :func:`medwsol.export.overlay.overlay_grid` (first split, balanced by label).
+    """
+
+    metrics: dict[str, Any]
+    pr_curves: dict[str, tuple[np.ndarray, np.ndarray, str]] = field(default_factory=dict)
+    overlay_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def calibrate(network, cfg, df, device: torch.device, score: str, positive_class: str) -> dict[str, Any]:
+    """Fit what the package serves: the fixed map range, then ``tau`` on the served score.
+
+    * ``map_range`` (methods that normalise per image): :func:`~medwsol.engine.served.fit_map_range`
+      over the ``valid`` images (else ``valpx``, else the first 64 ``train`` images);
+    * ``tau``: best mIoU of the served score (``score``: ``weight`` or ``weight_x_prob`` of
+      ``positive_class``) over the ``evaluate.threshold_split`` images with masks; 0.5 when there are none.
+
+    Returns:
+        The package's ``calibration`` dict.
+    """
+    from medwsol.data.manifest import split_records
+    from medwsol.engine.served import ServedModel, choose_tau, fit_map_range
+
+    ev = cfg.evaluate
+    n_bins = int(round(1.0 / ev.threshold_step))
+    dtype = amp_dtype(device, cfg.train.amp)
+    classes = list(getattr(network, "classes", None) or cfg.data.classes)
+    fitted, where = None, None
+    for split, recs in (("valid", split_records(df, "valid")), ("valpx", split_records(df, "valpx")),
+                        ("train", split_records(df, "train")[:64])):
+        if recs:
+            with autocast(device, dtype):
+                fitted = fit_map_range(network, _batches(make_eval_loader(recs, cfg, cache=False)), device)
+            where = split
+            break
+    served = ServedModel(network, classes, positive_class, score, map_range=fitted and fitted["map_range"])
+    recs = [r for r in split_records(df, ev.threshold_split) if "mask" in r]
+    cal: dict[str, Any] = {
+        "map_range": fitted and fitted["map_range"],
+        "map_range_fitted_on": (f"medians of the per-image raw-map min and max over {fitted['n_images']} {where} "
+                                "images" if fitted else "none needed (the method's map is not rescaled per image)"),
+        "score": score,
+        "positive_class": positive_class,
+        "tau": 0.5,
+        "tau_chosen_on": "default 0.5 (no pixel-labelled validation images)",
+    }
+    if recs:
+        sel = choose_tau(predict(served, make_eval_loader(recs, cfg), device, dtype, cfg.train.channels_last), n_bins)
+        cal.update(tau=sel["tau"], tau_chosen_on=f"best mIoU of the served {score} score on {ev.threshold_split} "
+                   f"({sel['n']} images)", tau_miou=sel["miou"], tau_pxap=sel["pxap"], tau_dice=sel["dice"])
+    return cal
+
+
+def evaluate_model(model, cfg, df, device, served=None, out_dir: Path | None = None,
+                   console: Console | None = None, classes: list[str] | None = None) -> EvalResult:
+    """Run the protocol (and the served view, when ``served`` is given) on ``df`` (a loaded manifest).
+
+    Args:
+        model: a ``WSOLMethod`` in eval mode.
+        cfg: the pipeline config (``evaluate``, ``data``, ``train.amp``).
+        df: a loaded manifest.
+        device: where to run.
+        served: the :class:`~medwsol.engine.served.ServedModel` of this model (its ``tau`` is used as is).
+        out_dir: writes ``metrics.json`` and ``table.md`` there when given.
+        console: for warnings.
+        classes: class names for the overlay labels (default ``data.classes``).
+    """
     from medwsol.data.manifest import split_records
 
     console = console or Console(stderr=True)
@@ -183,40 +308,46 @@ def evaluate_model(model, cfg, df, device, out_dir: Path | None = None, console:
         tau, tau_val = float(s["tau"]), float(s["miou"])
         tau_src = f"best mIoU on {ev.threshold_split} ({len(recs)} images)"
     metrics: dict[str, Any] = {"threshold": {"tau": tau, "chosen_on": tau_src, "miou_on_selection": tau_val}}
-    grid_rows: list[dict] = []
+    result = EvalResult(metrics)
+    names = classes or list(cfg.data.classes)
+    served_metrics: dict[str, Any] = {}
     for split in ev.splits:
         records = split_records(df, split)
         if not records:
             console.print(f"[yellow]warning:[/] split {split!r} is empty in {cfg.data.manifest}; skipped")
             continue
-        results = []
-        for r in predict(model, make_eval_loader(records, cfg), device, dtype, cl):
+        results, sres = [], []
+        for r in predict(model, make_eval_loader(records, cfg), device, dtype, cl, served=served):
             img = r.pop("image")
-            if len(grid_rows) < ev.n_overlays and split == ev.splits[0]:
-                grid_rows.append({**r, "image": img.permute(1, 2, 0).numpy()})
+            if served is not None:
+                sres.append({**r, "probs": r.pop("served_probs"), "map": r.pop("served_map")})
+            if len(result.overlay_rows) < 4 * ev.n_overlays and split == ev.splits[0]:
+                result.overlay_rows.append(dict(
+                    image=img.permute(1, 2, 0).numpy(), gt=r["mask"], weight_map=r["map"], threshold=tau,
+                    name=r["name"], label=names[r["label"]], pred=names[int(np.argmax(r["probs"]))]))
             results.append(r)
         m = _split_metrics(results, tau, n_bins, ev.boundary_tolerance)
         pr = m.pop("_pr", None)
         metrics[split] = m
-        if out_dir is not None and pr is not None:
-            from medwsol.export.overlay import plot_pr_curve
-
+        if pr is not None:
             p, rc = pr.precision_recall()
-            plot_pr_curve(p, rc, out_dir / f"pr_curve_{split}.png", label=f"{split}: PxAP {m['pxap']:.1f}")
+            result.pr_curves[split] = (p, rc, f"{split}: PxAP {m['pxap']:.1f}")
+        if served is not None:
+            sm = _split_metrics(sres, served.tau, n_bins, ev.boundary_tolerance)
+            spr = sm.pop("_pr", None)
+            served_metrics[split] = sm
+            if spr is not None:
+                p, rc = spr.precision_recall()
+                result.pr_curves[f"served_{split}"] = (p, rc, f"{split} (served {served.score_mode}): "
+                                                              f"PxAP {sm['pxap']:.1f}")
+    result.overlay_rows = _balanced(result.overlay_rows, ev.n_overlays)
+    if served is not None:
+        metrics["served"] = {"score": served.score_mode, "tau": served.tau, "tau_source": served.tau_source,
+                             "map_range": served.map_range, "positive_class": served.positive_class, **served_metrics}
     if out_dir is not None:
         write_json(out_dir / "metrics.json", metrics)
         write_text(out_dir / "table.md", metrics_table(metrics))
-        if grid_rows:
-            from medwsol.export.overlay import overlay_grid
-
-            names = classes or list(cfg.data.classes)
-            rows = [
-                dict(image=r["image"], gt=r["mask"], weight_map=r["map"], threshold=tau, name=r["name"],
-                     label=names[r["label"]], pred=names[int(np.argmax(r["probs"]))])
-                for r in _balanced(grid_rows, ev.n_overlays)
-            ]
-            overlay_grid(rows, out_dir / "overlays.png", title=f"{cfg.model.method}: weight maps (tau={tau:.3f})")
-    return metrics
+    return result
 
 
 def _balanced(rows: list[dict], n: int) -> list[dict]:
@@ -235,9 +366,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table: one column block per split, rows per metric, at tau* and at 0.5."""
     th = metrics["threshold"]
     lines = [f"Threshold tau = {th['tau']:.3f} ({th['chosen_on']}).", ""]
-    for split, m in metrics.items():
-        if split == "threshold" or not isinstance(m, dict):
-            continue
+    served = metrics.get("served")
+    blocks = [(k, v) for k, v in metrics.items() if k not in ("threshold", "served", "model") and isinstance(v, dict)]
+    if served:
+        lines += [f"Served (the model package: {served['score']} score, fixed map range, tau = {served['tau']:.3f} "
+                  f"from {served['tau_source']}): second block per split.", ""]
+        blocks += [(f"{k}, served", v) for k, v in served.items() if isinstance(v, dict) and "n_images" in v]
+    for split, m in blocks:
         lines += [f"### {split} ({m['n_images']} images, {m['n_masked']} with masks)", ""]
         lines += ["| metric | tau* | tau=0.5 |", "| --- | ---: | ---: |"]
         lines.append(f"| classification error (%) | {m['classification_error']:.2f} | |")
@@ -254,8 +389,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """``test.pxap``-style keys for the tracker."""
     out = {"tau": metrics["threshold"]["tau"]}
-    for split, m in metrics.items():
-        if split == "threshold" or not isinstance(m, dict):
+    served = metrics.get("served") or {}
+    if "tau" in served:
+        out["served.tau"] = served["tau"]
+    items = [(k, v) for k, v in metrics.items() if k not in ("threshold", "served")]
+    items += [(f"served.{k}", v) for k, v in served.items() if isinstance(v, dict) and "n_images" in v]
+    for split, m in items:
+        if not isinstance(m, dict):
             continue
         for k, v in m.items():
             if isinstance(v, dict):
@@ -264,26 +404,3 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             elif isinstance(v, (int, float)):
                 out[f"{split}.{k}"] = v
     return out
-
-
-def evaluate(ctx) -> dict[str, Any]:
-    """The ``evaluate`` stage."""
-    from medwsol.data.manifest import load_manifest
-    from medwsol.engine.models import describe_ref, load_model
-
-    cfg = ctx.cfg
-    console = Console(stderr=True)
-    device = select_device(cfg.train.device)
-    model = load_model(ctx.model_ref, ctx.run_dir, cfg.tracking.uri, list(cfg.data.classes), device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    df = load_manifest(cfg.data.manifest, list(cfg.data.classes))
-    out_dir = ctx.run_dir / "eval"
-    metrics = evaluate_model(model, cfg, df, device, out_dir=out_dir, console=console)
-    metrics["model"] = describe_ref(ctx.model_ref, ctx.run_dir)
-    write_json(out_dir / "metrics.json", metrics)
-    ctx.tracker.log_metrics(flat_metrics(metrics))
-    for f in sorted(out_dir.iterdir()):
-        ctx.tracker.log_artifact(f, "eval")
-    console.print(metrics_table(metrics))
-    return metrics

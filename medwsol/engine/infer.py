@@ -3,7 +3,8 @@
 Per-slide output contract (the exporters depend on it)
 ======================================================
 
-``infer_slide`` writes one folder per slide, ``<out_dir>/<slide stem>/``, built in a temporary
+``infer_slide`` writes one folder per slide, ``<out_dir>/<name>/`` (the slide's stem; with a short hash
+of its path when two slides share a stem), built in a temporary
 folder beside it and renamed into place at the end (a folder that exists is complete)::
 
     meta.json      what everything below means (keys listed next)
@@ -14,13 +15,15 @@ folder beside it and renamed into place at the end (a folder that exists is comp
     coverage.zarr  zarr v3 array, bool    [H_out, W_out]
     tiles.csv      one row per inferred tile
 
-* ``heatmap[r, c]`` is the mean of the tiles' scores over all tiles covering heatmap pixel ``(r, c)``
-  (overlaps averaged: MONAI ``Merger`` contract). A tile's score is its weight map
-  (``WSOLOutput.weight_map``; ``slides.score: weight``) or, by default (``weight_x_prob``), the weight
-  map times the tile's probability of ``slides.positive_class`` (default: the last class), so that
-  tiles the classifier calls normal do not light up with the evidence map of a class they lack. 0 where no tile
-  was inferred (background, no tissue). ``coverage[r, c]`` is True where at least one tile was.
-  Inside an inferred tile the value is the model's output even over background (not masked).
+* ``heatmap[r, c]`` is the weighted mean of the tiles' **served scores** over all tiles covering heatmap
+  pixel ``(r, c)``, each tile weighted by MONAI's Gaussian importance map over its footprint
+  (``slides.blend: gaussian``; ``constant`` is a plain average), so a tile's border - where a CNN's
+  map is least reliable - hands over to the neighbouring tile's centre. A tile's score is what the
+  model package serves (:class:`medwsol.engine.served.ServedModel`): the weight map with the
+  package's **fixed** map range (never rescaled per tile), or (``weight_x_prob``) that times the
+  tile's probability of the package's positive class. 0 where no tile was inferred (background,
+  no tissue). ``coverage[r, c]`` is True where at least one tile was. Inside an inferred tile the
+  value is the model's output even over background (not masked).
 * Heatmap pixel ``(r, c)`` covers level-0 pixels ``x in [c*k, (c+1)*k)``, ``y in [r*k, (r+1)*k)`` with
   ``k = meta["level0_per_heatmap_px"] = heatmap_mpp / slide_mpp``; ``H_out = ceil(height / k)``,
   ``W_out = ceil(width / k)``. Level-0 ``(x, y)`` of the centre of ``(r, c)``: ``((c + .5) k, (r + .5) k)``.
@@ -31,14 +34,20 @@ folder beside it and renamed into place at the end (a folder that exists is comp
   ``tissue`` (tissue fraction in [0, 1]), ``mean_weight`` (mean of the tile's weight map, before any
   probability scaling),
   ``prob_<class>`` for each class (softmax of the logits), ``pred`` (class name of the argmax).
-* ``meta.json`` keys: ``format`` ("medwsol-slide-heatmap"), ``version`` (1), ``status`` ("ok" or
-  "empty"), ``slide`` (absolute path), ``name`` (stem), ``width``, ``height`` (level 0 px),
+* ``meta.json`` keys: ``format`` ("medwsol-slide-heatmap"), ``version`` (2), ``status`` ("ok" or
+  "empty"), ``slide`` (absolute path), ``name`` (the output folder's name), ``width``, ``height`` (level 0 px),
   ``slide_mpp``, ``mpp_source`` ("openslide.mpp-x" | "objective-power" | "fallback"),
   ``heatmap``, ``coverage`` (file names), ``heatmap_format`` ("npy" | "zarr"), ``heatmap_shape``
   ([H_out, W_out]), ``heatmap_mpp``, ``level0_per_heatmap_px``, ``tile_size`` (px at
   ``target_mpp``), ``overlap``, ``target_mpp``, ``level0_tile_size`` (float), ``tissue_mpp``,
-  ``min_tissue``, ``threshold`` (for binarising the heatmap), ``score``, ``positive_class``, ``classes``, ``model`` (the model's
-  ``describe()`` when it has one), ``summary`` (the slides.csv row), ``created``.
+  ``min_tissue``, ``blend``, ``threshold`` (the package's tau, for binarising the heatmap) and
+  ``threshold_source``, ``score``, ``positive_class``, ``classes``, ``model`` (the network's
+  ``describe()`` plus the package digest and map range), ``key`` (:func:`slide_key`: the package,
+  the slide file's path/size/mtime and the output settings; a re-run skips the slide only when it is
+  unchanged), ``summary`` (the slides.csv row), ``created``.
+* ``<out_dir>/records/<name>.json``: every slide's slides.csv row (failures included), written as
+  soon as the slide is done; ``slides.csv`` is rewritten after each slide and can be rebuilt from
+  the records (:func:`rebuild_summary`).
 
 A slide with no tissue is written too (``status: "empty"``): all-zero heatmap, no coverage, a
 header-only tiles.csv.
@@ -46,8 +55,10 @@ header-only tiles.csv.
 Example:
     >>> from medwsol.config import SlidesConfig
     >>> from medwsol.engine.infer import infer_cohort  # doctest: +SKIP
-    >>> df = infer_cohort(model, [Path("a.tif")], SlidesConfig(fallback_mpp=0.5), Path("out"),
-    ...                   "cpu", ["benign", "malignant"], 0.5)  # doctest: +SKIP
+    >>> from medwsol.engine.served import served_from_package  # doctest: +SKIP
+    >>> from medwsol.package import load_package  # doctest: +SKIP
+    >>> served = served_from_package(load_package("runs/slides/20260101-000000/package"))  # doctest: +SKIP
+    >>> df = infer_cohort(served, [Path("a.tif")], SlidesConfig(fallback_mpp=0.5), Path("out"), "cpu")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from monai.inferers.merger import AvgMerger, Merger
+from monai.inferers.merger import Merger
 
 from medwsol.data.slides import open_slide, read_region_at_mpp, slide_mpp, tile_grid, tissue_mask
 from medwsol.engine.runtime import amp_dtype, autocast, select_device
@@ -76,15 +87,24 @@ __all__ = [
     "FORMAT",
     "SUMMARY_COLUMNS",
     "DISK_THRESHOLD_PX",
+    "OUTPUT_SETTINGS",
     "SlideTileDataset",
     "BandedZarrMerger",
+    "importance_map",
     "infer_slide",
     "infer_cohort",
     "load_heatmap",
+    "output_names",
+    "slide_key",
+    "rebuild_summary",
+    "write_summary",
+    "slide_error_line",
+    "effective_overlap",
 ]
 
 FORMAT = "medwsol-slide-heatmap"
-SUMMARY_COLUMNS = ["slide", "status", "error", "tiles", "seconds", "tiles_per_s", "max_score", "mean_score", "outputs"]
+SUMMARY_COLUMNS = ["slide", "name", "status", "error", "tiles", "seconds", "tiles_per_s", "max_score", "mean_score",
+                   "outputs"]
 #: Heatmaps with more pixels than this are merged on disk (zarr) instead of in memory.
 DISK_THRESHOLD_PX = 4096 * 4096
 
@@ -153,19 +173,25 @@ class SlideTileDataset(torch.utils.data.Dataset):
 
 
 class BandedZarrMerger(Merger):
-    """Average-merge 2-D patches into zarr arrays on disk, holding only a band of rows in memory.
+    """Weighted-average merge of 2-D patches into zarr arrays on disk, holding only a band of rows in memory.
+
+    Each patch may come with a weight map (e.g. MONAI's Gaussian importance map): the output is
+    ``sum(w * v) / sum(w)`` over the patches covering a pixel, so tile borders (small ``w``) hand over
+    smoothly to the neighbouring tile's centre. Without weights it is a plain average (MONAI
+    ``AvgMerger``).
 
     Patches must arrive in non-decreasing row order (a row-major tile grid does that): rows above
     the current patch's chunk row are final, so they are averaged and written as whole zarr chunks
     (no read-modify-write of compressed chunks, which makes MONAI's ``ZarrAvgMerger`` cost ~10 ms a
-    patch). Memory: ``width x (patch height + 2 chunk rows)`` float32 + int32, whatever the height.
+    patch). Memory: ``width x (patch height + 2 chunk rows)`` float32 x 2, whatever the height.
 
     Args:
         merged_shape: ``(..., H, W)`` of the accumulation grid (patches may reach its edge).
         cropped_shape: ``(..., H, W)`` of the output (default: merged_shape).
-        store: folder of the output zarr array (float32 averaged values, 0 where uncovered).
-        coverage_store: folder of a bool zarr array of covered pixels (None: not written).
-        chunks: zarr chunk side.
+        store: folder of the output zarr array (float32 averaged values, 0 where uncovered), or None
+            to keep the output in memory (a numpy array; small slides).
+        coverage_store: folder of a bool zarr array of covered pixels (None: in memory).
+        chunks: zarr chunk side (and band granularity).
         device: unused (values are accumulated on the CPU).
 
     Example:
@@ -182,36 +208,43 @@ class BandedZarrMerger(Merger):
         self,
         merged_shape: Sequence[int],
         cropped_shape: Sequence[int] | None = None,
-        store: str | Path = "heatmap.zarr",
+        store: str | Path | None = "heatmap.zarr",
         coverage_store: str | Path | None = None,
         chunks: int = 512,
         device: str | None = "cpu",
     ) -> None:
-        import zarr
-
         super().__init__(merged_shape=merged_shape, cropped_shape=cropped_shape, device=device)
         self.height, self.width = (int(v) for v in self.merged_shape[-2:])
         self.out_h, self.out_w = (int(v) for v in self.cropped_shape[-2:])
         self.chunk = int(chunks)
-        ch = (min(self.chunk, max(1, self.out_h)), min(self.chunk, max(1, self.out_w)))
-        self.output = zarr.create_array(
-            store=str(store), shape=(self.out_h, self.out_w), chunks=ch, dtype="float32", fill_value=0.0, overwrite=True
-        )
-        self.coverage = None
-        if coverage_store is not None:
-            self.coverage = zarr.create_array(
-                store=str(coverage_store), shape=(self.out_h, self.out_w), chunks=ch, dtype="bool", fill_value=False,
-                overwrite=True,
-            )
+        if store is None:
+            self.output = np.zeros((self.out_h, self.out_w), np.float32)
+            self.coverage = np.zeros((self.out_h, self.out_w), bool)
+        else:
+            import zarr
+
+            ch = (min(self.chunk, max(1, self.out_h)), min(self.chunk, max(1, self.out_w)))
+            self.output = zarr.create_array(store=str(store), shape=(self.out_h, self.out_w), chunks=ch,
+                                            dtype="float32", fill_value=0.0, overwrite=True)
+            self.coverage = None
+            if coverage_store is not None:
+                self.coverage = zarr.create_array(store=str(coverage_store), shape=(self.out_h, self.out_w),
+                                                  chunks=ch, dtype="bool", fill_value=False, overwrite=True)
         self._top = 0  # first row held in the band; rows above are written
         self._values = np.zeros((2 * self.chunk, self.width), np.float32)
-        self._counts = np.zeros((2 * self.chunk, self.width), np.int32)
+        self._weights = np.zeros((2 * self.chunk, self.width), np.float32)
         self.max_value = 0.0
         self.sum_value = 0.0
         self.n_covered = 0
 
-    def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
-        """Add one patch ``[1, 1, h, w]`` (or ``[h, w]``) at ``location = (row, col)`` (its top-left)."""
+    def aggregate(self, values: torch.Tensor, location: Sequence[int], weight: Any = None) -> None:
+        """Add one patch ``[1, 1, h, w]`` (or ``[h, w]``) at ``location = (row, col)`` (its top-left).
+
+        Args:
+            values: the patch.
+            location: its top-left ``(row, col)`` in the merged grid.
+            weight: optional ``[h, w]`` weights (> 0) of the patch's pixels; default 1.
+        """
         if self.is_finalized:
             raise ValueError("BandedZarrMerger is already finalized; create a new one to aggregate")
         v = values.detach().to("cpu", torch.float32).numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
@@ -228,27 +261,29 @@ class BandedZarrMerger(Merger):
             )
         r1, c1 = min(r + h, self.height), min(c + w, self.width)
         v = v[: r1 - r, : c1 - c]
+        wt = 1.0 if weight is None else np.asarray(weight, np.float32).reshape(h, w)[: r1 - r, : c1 - c]
         new_top = (r // self.chunk) * self.chunk
         if new_top > self._top:
             self._flush(new_top)
         need = r1 - self._top
         if need > self._values.shape[0]:
             rows = self.chunk * math.ceil(need / self.chunk) + self.chunk
-            self._values = np.concatenate([self._values, np.zeros((rows - len(self._values), self.width), np.float32)])
-            self._counts = np.concatenate([self._counts, np.zeros((rows - len(self._counts), self.width), np.int32)])
-        self._values[r - self._top : r1 - self._top, c:c1] += v
-        self._counts[r - self._top : r1 - self._top, c:c1] += 1
+            grow = np.zeros((rows - len(self._values), self.width), np.float32)
+            self._values = np.concatenate([self._values, grow])
+            self._weights = np.concatenate([self._weights, grow])
+        self._values[r - self._top : r1 - self._top, c:c1] += v * wt
+        self._weights[r - self._top : r1 - self._top, c:c1] += wt
 
     def _flush(self, upto: int) -> None:
         """Average and write rows ``[top, upto)`` (rows past the band were never touched: 0); shift the band."""
         n = upto - self._top
         nb = min(n, len(self._values))
-        vals, cnt = self._values[:nb], self._counts[:nb]
-        covered = cnt > 0
+        vals, wts = self._values[:nb], self._weights[:nb]
+        covered = wts > 0
         r0, r1 = self._top, min(self._top + nb, self.out_h)
         if r1 > r0 and covered.any():
-            np.divide(vals, cnt, out=vals, where=covered)  # in place: uncovered values are 0 already
-            out, cov = vals[: r1 - r0, : self.out_w], covered[: r1 - r0, : self.out_w]
+            np.divide(vals, wts, out=vals, where=covered)  # in place: uncovered values are 0 already
+            out, cov = np.clip(vals[: r1 - r0, : self.out_w], 0, None), covered[: r1 - r0, : self.out_w]
             self.output[r0:r1, :] = out
             if self.coverage is not None:
                 self.coverage[r0:r1, :] = cov
@@ -258,62 +293,53 @@ class BandedZarrMerger(Merger):
         keep = len(self._values) - nb
         if keep > 0:
             self._values[:keep] = self._values[nb:]
-            self._counts[:keep] = self._counts[nb:]
+            self._weights[:keep] = self._weights[nb:]
         self._values[keep:] = 0
-        self._counts[keep:] = 0
+        self._weights[keep:] = 0
         self._top = upto
 
     def finalize(self):
-        """Write the remaining rows; return the output zarr array (``coverage`` holds the bool array)."""
+        """Write the remaining rows; return the output array (``coverage`` holds the bool array)."""
         if not self.is_finalized:
             while self._top < self.out_h:
                 self._flush(min(self._top + len(self._values), self.out_h))
             self.is_finalized = True
-            self._values = self._counts = None  # release the band
+            self._values = self._weights = None  # release the band
         return self.output
 
     def get_output(self):
         return self.output
 
-
-class _MemoryMerger:
-    """MONAI ``AvgMerger`` (in memory) plus coverage and score statistics."""
-
-    def __init__(self, merged: tuple[int, int], cropped: tuple[int, int]):
-        # int32 counts: MONAI's uint8 default overflows past 255 overlapping tiles.
-        self.merger = AvgMerger(merged_shape=(1, 1, *merged), cropped_shape=(1, 1, *cropped), count_dtype=torch.int32)
-        self.cropped = cropped
-
-    def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
-        self.merger.aggregate(values, location)
-
-    def finish(self, folder: Path) -> tuple[str, dict[str, Any]]:
-        h, w = self.cropped
-        coverage = (self.merger.get_counts()[0, 0, :h, :w] > 0).numpy()
-        heat = torch.nan_to_num(self.merger.finalize()[0, 0], nan=0.0).clamp_(0, 1).numpy().astype(np.float32)
-        with atomic_path(folder / "heatmap.npy") as tmp:
-            np.save(tmp, heat, allow_pickle=False)
-        with atomic_path(folder / "coverage.npy") as tmp:
-            np.save(tmp, coverage, allow_pickle=False)
-        vals = heat[coverage]
-        stats = {"max": float(vals.max()) if vals.size else 0.0, "mean": float(vals.mean()) if vals.size else 0.0}
-        return "npy", stats
+    @property
+    def mean_value(self) -> float:
+        return self.sum_value / self.n_covered if self.n_covered else 0.0
 
 
-class _DiskMerger:
-    def __init__(self, merged: tuple[int, int], cropped: tuple[int, int], folder: Path):
-        self.merger = BandedZarrMerger(
-            (1, 1, *merged), (1, 1, *cropped), store=folder / "heatmap.zarr", coverage_store=folder / "coverage.zarr"
-        )
+def _make_merger(folder: Path, merged: tuple[int, int], cropped: tuple[int, int], on_disk: bool) -> BandedZarrMerger:
+    if on_disk:
+        return BandedZarrMerger((1, 1, *merged), (1, 1, *cropped), store=folder / "heatmap.zarr",
+                                coverage_store=folder / "coverage.zarr")
+    return BandedZarrMerger((1, 1, *merged), (1, 1, *cropped), store=None, chunks=256)
 
-    def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
-        self.merger.aggregate(values, location)
 
-    def finish(self, folder: Path) -> tuple[str, dict[str, Any]]:
-        m = self.merger
-        m.finalize()
-        mean = m.sum_value / m.n_covered if m.n_covered else 0.0
-        return "zarr", {"max": m.max_value, "mean": mean}
+def _finish_merger(m: BandedZarrMerger, folder: Path) -> str:
+    """Finalize; write the in-memory arrays as .npy. Returns the heatmap format ("npy" | "zarr")."""
+    out = m.finalize()
+    if isinstance(out, np.ndarray):
+        for name, arr in (("heatmap.npy", out), ("coverage.npy", m.coverage)):
+            with atomic_path(folder / name) as tmp:
+                np.save(tmp, arr, allow_pickle=False)
+        return "npy"
+    return "zarr"
+
+
+def importance_map(h: int, w: int, blend: str, sigma_scale: float = 0.125) -> np.ndarray:
+    """Per-pixel weights of a ``h x w`` tile footprint: MONAI's Gaussian importance map, or ones."""
+    if blend == "constant":
+        return np.ones((h, w), np.float32)
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map((h, w), mode="gaussian", sigma_scale=sigma_scale).numpy().astype(np.float32)
 
 
 def load_heatmap(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -370,10 +396,10 @@ def _progress(enabled: bool):
 
 
 def _row(slide: Path, status: str, out: Path | str = "", error: str = "", tiles: int = 0, seconds: float = 0.0,
-         max_score: float = float("nan"), mean_score: float = float("nan")) -> dict[str, Any]:
+         max_score: float = float("nan"), mean_score: float = float("nan"), name: str = "") -> dict[str, Any]:
     return {
-        "slide": str(slide), "status": status, "error": error, "tiles": int(tiles), "seconds": round(float(seconds), 3),
-        "tiles_per_s": round(tiles / seconds, 2) if seconds > 0 and tiles else 0.0,
+        "slide": str(slide), "name": name or Path(slide).stem, "status": status, "error": error, "tiles": int(tiles),
+        "seconds": round(float(seconds), 3), "tiles_per_s": round(tiles / seconds, 2) if seconds > 0 and tiles else 0.0,
         "max_score": max_score, "mean_score": mean_score, "outputs": str(out),
     }
 
@@ -382,35 +408,96 @@ def _as_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else select_device(str(device))
 
 
+#: SlidesConfig fields that change a slide's outputs (the rest - batch size, workers, paths - do not).
+OUTPUT_SETTINGS = ("target_mpp", "tile_size", "overlap", "min_tissue", "tissue_mpp", "output_mpp", "fallback_mpp",
+                   "blend", "max_tissue_px")
+
+
+def effective_overlap(cfg) -> int:
+    """``slides.overlap``, or a quarter of the tile when it is not set (so tile borders can be blended)."""
+    ov = getattr(cfg, "overlap", None)
+    return int(cfg.tile_size) // 4 if ov is None else int(ov)
+
+
+def slide_key(served, slide_path: Path, cfg) -> dict[str, Any]:
+    """What a slide's outputs depend on: the package (digest and serving choices), the slide file, the settings.
+
+    A finished slide is skipped on a re-run only when this is equal to the one in its ``meta.json``.
+    """
+    st = slide_path.stat()
+    settings = {k: getattr(cfg, k, None) for k in OUTPUT_SETTINGS}
+    settings["overlap"] = effective_overlap(cfg)
+    return {
+        "model": {"digest": getattr(served, "digest", None), "score": served.score_mode,
+                  "positive_class": served.positive_class, "tau": served.tau, "map_range": served.map_range,
+                  "classes": list(served.classes)},
+        "slide": {"path": str(slide_path.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)},
+        "settings": json.loads(json.dumps(settings, default=str)),
+    }
+
+
+def output_names(slides: Sequence[str | Path], out_root: str | Path | None = None) -> list[str]:
+    """Per-slide output folder names, stable across runs.
+
+    A slide that already has a record in ``<out_root>/records`` keeps its name. Otherwise the name is the
+    file stem, made unique with a short hash of the resolved path when another slide of the cohort, or a
+    slide recorded earlier, has the same stem (``a/s1.tif`` and ``b/s1.tif`` never share a folder).
+    """
+    import hashlib
+    from collections import Counter
+
+    known: dict[str, str] = {}
+    if out_root is not None:
+        for f in sorted((Path(out_root) / RECORDS_DIR).glob("*.json")):
+            try:
+                rec = json.loads(f.read_text())
+                known.setdefault(str(Path(rec["slide"]).resolve()), str(rec["name"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    resolved = [str(Path(s).resolve()) for s in slides]
+    stems = [Path(s).stem for s in slides]
+    taken = Counter(stems)
+    for path, name in known.items():
+        if path not in resolved:
+            taken[name] += 1  # a recorded slide of another cohort owns this folder name
+    out = []
+    for r, st in zip(resolved, stems):
+        if r in known:
+            out.append(known[r])
+        elif taken[st] > 1 or any(n == st and p != r for p, n in known.items()):
+            out.append(f"{st}-{hashlib.sha1(r.encode()).hexdigest()[:8]}")
+        else:
+            out.append(st)
+    return out
+
+
 def infer_slide(
-    model: torch.nn.Module,
+    served,
     slide_path: str | Path,
     cfg_slides,
     out_dir: str | Path,
     device: str | torch.device,
-    classes: Sequence[str],
-    threshold: float | None,
     progress: bool = True,
     amp: str = "auto",
     disk_threshold_px: int = DISK_THRESHOLD_PX,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Infer one slide and write ``<out_dir>/<slide stem>/`` (see the module docstring).
+    """Infer one slide and write ``<out_dir>/<name>/`` (see the module docstring).
 
     Args:
-        model: a ``WSOLMethod`` (any module returning ``WSOLOutput``); moved to ``device``, set to eval.
+        served: a :class:`~medwsol.engine.served.ServedModel` (classes, score, tau, calibration, digest).
         slide_path: the slide file.
         cfg_slides: a ``SlidesConfig`` (target_mpp, tile_size, overlap, min_tissue, tissue_mpp,
-            output_mpp, batch_size, num_workers, fallback_mpp, overwrite).
+            output_mpp, blend, batch_size, num_workers, fallback_mpp, overwrite).
         out_dir: root folder of the per-slide folders.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
-        classes: class names, in the order of the model's logits.
-        threshold: heatmap threshold recorded for the exporters (None: 0.5).
         progress: show a rich progress bar with tiles/s.
         amp: ``"auto"`` (bf16/fp16 autocast on CUDA, none on CPU), ``"bf16"`` (also on CPU), ``"fp16"``, ``"off"``.
         disk_threshold_px: heatmaps with more pixels are merged into zarr on disk.
+        name: output folder name (default: the slide's stem).
 
     Returns:
-        The slides.csv row: slide, status ("ok", "empty" or "skipped"), error, tiles, seconds,
+        The slides.csv row: slide, name, status ("ok", "empty" or "skipped"), error, tiles, seconds,
         tiles_per_s, max_score, mean_score (over covered heatmap pixels), outputs.
 
     Raises:
@@ -419,14 +506,24 @@ def infer_slide(
     t_start = time.perf_counter()
     cfg = cfg_slides
     slide_path = Path(slide_path)
-    out = Path(out_dir) / slide_path.stem
-    classes = list(classes)
+    name = name or slide_path.stem
+    out = Path(out_dir) / name
+    classes = list(served.classes)
+    if not slide_path.is_file():
+        raise SlideError(f"{slide_path}: slide file not found; fix: check the path" if not slide_path.exists()
+                         else f"{slide_path}: is a folder, not a slide file; fix: give the slide file itself")
+    key = slide_key(served, slide_path, cfg)
     if (out / "meta.json").is_file() and not cfg.overwrite:
-        meta = json.loads((out / "meta.json").read_text())
-        s = meta.get("summary", {})
-        return _row(slide_path, "skipped", out, tiles=s.get("tiles", 0), seconds=0.0,
-                    max_score=s.get("max_score", float("nan")), mean_score=s.get("mean_score", float("nan")))
+        try:
+            meta = json.loads((out / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("key") == key:
+            s = meta.get("summary", {})
+            return _row(slide_path, "skipped", out, tiles=s.get("tiles", 0), seconds=0.0, name=name,
+                        max_score=s.get("max_score", float("nan")), mean_score=s.get("mean_score", float("nan")))
     dev = _as_device(device)
+    overlap = effective_overlap(cfg)
 
     slide = open_slide(slide_path)
     try:
@@ -435,7 +532,7 @@ def infer_slide(
         mask, mask_mpp = tissue_mask(slide, mpp=cfg.tissue_mpp, base_mpp=base_mpp)
     finally:
         slide.close()
-    xy, frac = tile_grid((w0, h0), base_mpp, cfg.target_mpp, cfg.tile_size, cfg.overlap, mask, mask_mpp,
+    xy, frac = tile_grid((w0, h0), base_mpp, cfg.target_mpp, cfg.tile_size, overlap, mask, mask_mpp,
                          cfg.min_tissue, return_fraction=True)
 
     # Heatmap geometry; level-0 (x, y) -> heatmap (row, col) happens here only.
@@ -452,29 +549,26 @@ def infer_slide(
     probs = np.full((n, len(classes)), np.nan, np.float32)
     mean_w = np.full(n, np.nan, np.float32)
     meta: dict[str, Any] = {
-        "format": FORMAT, "version": 1, "slide": str(slide_path.resolve()), "name": slide_path.stem,
+        "format": FORMAT, "version": 2, "slide": str(slide_path.resolve()), "name": name,
         "width": w0, "height": h0, "slide_mpp": base_mpp, "mpp_source": mpp_source,
         "heatmap_shape": [out_h, out_w], "heatmap_mpp": float(cfg.output_mpp), "level0_per_heatmap_px": float(k),
-        "tile_size": int(cfg.tile_size), "overlap": int(cfg.overlap), "target_mpp": float(cfg.target_mpp),
+        "tile_size": int(cfg.tile_size), "overlap": overlap, "target_mpp": float(cfg.target_mpp),
         "level0_tile_size": float(tile0), "tissue_mpp": float(mask_mpp), "min_tissue": float(cfg.min_tissue),
-        "threshold": float(threshold if threshold is not None else 0.5), "classes": classes,
-        "score": getattr(cfg, "score", "weight"),
-        "positive_class": (None if positive_index(cfg, classes) is None else classes[positive_index(cfg, classes)]),
-        "model": model.describe() if hasattr(model, "describe") else {"class": type(model).__name__},
+        "blend": getattr(cfg, "blend", "gaussian"),
+        "threshold": float(served.tau), "threshold_source": served.tau_source, "classes": classes,
+        "score": served.score_mode, "positive_class": served.positive_class,
+        "model": served.describe(), "key": key,
     }
 
     with atomic_dir(out) as tmp:
-        if out_h * out_w > disk_threshold_px:
-            sink: _MemoryMerger | _DiskMerger = _DiskMerger(merged, (out_h, out_w), tmp)
-        else:
-            sink = _MemoryMerger(merged, (out_h, out_w))
+        sink = _make_merger(tmp, merged, (out_h, out_w), on_disk=out_h * out_w > disk_threshold_px)
         if n == 0:
             warnings.warn(f"{slide_path}: no tissue found (tissue_mpp={cfg.tissue_mpp}, min_tissue={cfg.min_tissue}); "
                           "writing empty outputs", stacklevel=2)
         else:
-            _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, (r0, c0, r1, c1), sink, probs,
-                       mean_w, progress)
-        fmt, stats = sink.finish(tmp)
+            _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, (r0, c0, r1, c1), sink, probs, mean_w,
+                       progress)
+        fmt = _finish_merger(sink, tmp)
         meta.update(heatmap_format=fmt, heatmap=f"heatmap.{fmt}", coverage=f"coverage.{fmt}")
         tiles = pd.DataFrame({
             "x": xy[:, 0], "y": xy[:, 1], "w": np.full(n, round(tile0), np.int64), "h": np.full(n, round(tile0), np.int64),
@@ -485,30 +579,23 @@ def infer_slide(
         tiles.to_csv(tmp / "tiles.csv", index=False, float_format="%.6g")
         seconds = time.perf_counter() - t_start
         status = "ok" if n else "empty"
-        row = _row(slide_path, status, out, tiles=n, seconds=seconds,
-                   max_score=round(stats["max"], 6) if n else 0.0, mean_score=round(stats["mean"], 6) if n else 0.0)
+        row = _row(slide_path, status, out, tiles=n, seconds=seconds, name=name,
+                   max_score=round(sink.max_value, 6) if n else 0.0, mean_score=round(sink.mean_value, 6) if n else 0.0)
         meta.update(status=status, summary=row, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_json(tmp / "meta.json", meta)
     return row
-
-
-def positive_index(cfg, classes: Sequence[str]) -> int | None:
-    """Index of the class whose probability scales the weight map, or None for ``score: weight``."""
-    if getattr(cfg, "score", "weight") != "weight_x_prob":
-        return None
-    name = getattr(cfg, "positive_class", None) or classes[-1]
-    if name not in classes:
-        raise SlideError(f"slides.positive_class={name!r} is not one of the model's classes {list(classes)}; "
-                         "fix: name one of data.classes")
-    return list(classes).index(name)
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, sink, probs, mean_w, progress) -> None:
-    """Batched inference with a prefetching DataLoader; stitches each tile's map into ``sink``."""
+def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, probs, mean_w, progress) -> None:
+    """Batched inference with a prefetching DataLoader; stitches each tile's served score into ``sink``.
+
+    The tile's score is resized to its heatmap footprint and merged with the footprint's importance
+    map as weights (``slides.blend``), so overlapping tiles hand over smoothly.
+    """
     r0, c0, r1, c1 = boxes
     ds = SlideTileDataset(slide_path, xy, cfg.tile_size, cfg.target_mpp, base_mpp)
     nw = int(cfg.num_workers)
@@ -517,9 +604,11 @@ def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, s
         worker_init_fn=_worker_init if nw else None, prefetch_factor=4 if nw else None, persistent_workers=False,
     )
     dtype = amp_dtype(dev, amp)
-    pos = positive_index(cfg, classes)
-    model.to(dev).eval()
-    model.to(memory_format=torch.channels_last)  # as in training: oneDNN / cuDNN's fast NHWC convolutions
+    blend = getattr(cfg, "blend", "gaussian")
+    weights: dict[tuple[int, int], np.ndarray] = {}
+    served.to(dev).eval()
+    served.to(memory_format=torch.channels_last)  # as in training: oneDNN / cuDNN's fast NHWC convolutions
+    n_classes = len(served.classes)
     try:
         with _progress(progress) as bar, torch.inference_mode():
             task = bar.add_task(slide_path.name[:40], total=len(ds))
@@ -527,25 +616,21 @@ def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, s
                 # [B, H, W, 3] uint8 -> [B, 3, H, W] float: the permuted view is channels_last already
                 x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
                 with autocast(dev, dtype):
-                    res = model(x)
-                wm = res.weight_map.float().clamp_(0, 1)
-                logits = res.logits.float()
-                if logits.shape[1] != len(classes):
+                    p, wm, score = served(x)
+                if p.shape[1] != n_classes:
                     raise SlideError(
-                        f"{slide_path}: the model outputs {logits.shape[1]} classes but classes has {len(classes)} "
-                        f"({classes}); fix: set data.classes to the model's classes"
+                        f"{slide_path}: the model outputs {p.shape[1]} classes but its package names {n_classes} "
+                        f"({served.classes}); fix: re-package the model"
                     )
                 idx = idx.numpy()
-                p = logits.softmax(1)
-                probs[idx] = p.cpu().numpy()
-                mean_w[idx] = wm.mean(dim=(1, 2, 3)).cpu().numpy()
-                if pos is not None:
-                    wm = wm * p[:, pos].view(-1, 1, 1, 1)
+                probs[idx] = p.float().cpu().numpy()
+                mean_w[idx] = wm.float().mean(dim=(1, 2, 3)).cpu().numpy()
+                score = score.float()
                 hs, ws = r1[idx] - r0[idx], c1[idx] - c0[idx]
                 small: list[torch.Tensor | None] = [None] * len(idx)
                 for bh, bw in set(zip(hs.tolist(), ws.tolist())):
                     sel = np.nonzero((hs == bh) & (ws == bw))[0]
-                    part = wm[torch.as_tensor(sel, device=wm.device)]
+                    part = score[torch.as_tensor(sel, device=score.device)]
                     mh, mw = part.shape[-2:]
                     if (bh, bw) != (mh, mw):
                         mode = "area" if bh <= mh and bw <= mw else "bilinear"
@@ -553,21 +638,52 @@ def _run_model(model, slide_path, xy, base_mpp, cfg, dev, amp, classes, boxes, s
                     part = part.cpu()
                     for j, s in enumerate(sel):
                         small[s] = part[j : j + 1]
+                    if (bh, bw) not in weights:
+                        weights[(bh, bw)] = importance_map(bh, bw, blend)
                 for j, i in enumerate(idx):  # grid order: rows never go back (BandedZarrMerger needs it)
-                    sink.aggregate(small[j], (int(r0[i]), int(c0[i])))
+                    tile = small[j]
+                    sink.aggregate(tile, (int(r0[i]), int(c0[i])), weights[tuple(tile.shape[-2:])])
                 bar.advance(task, len(idx))
     finally:
         ds.close()
 
 
+RECORDS_DIR = "records"
+
+
+def _write_record(out_root: Path, row: dict[str, Any]) -> None:
+    write_json(out_root / RECORDS_DIR / f"{row['name']}.json", row)
+
+
+def write_summary(rows: Sequence[dict[str, Any]], csv: str | Path) -> pd.DataFrame:
+    """Write ``slides.csv`` atomically from summary rows; return it as a DataFrame."""
+    df = pd.DataFrame(list(rows), columns=SUMMARY_COLUMNS)
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    return df
+
+
+def rebuild_summary(out_root: str | Path, csv: str | Path | None = None) -> pd.DataFrame:
+    """Rebuild ``slides.csv`` from the per-slide records (``<out_root>/records/*.json``), e.g. after a crash.
+
+    Every slide that finished or failed left a record, written as soon as it was done.
+    """
+    out_root = Path(out_root)
+    rows = []
+    for f in sorted((out_root / RECORDS_DIR).glob("*.json")):
+        try:
+            rows.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return write_summary(rows, csv if csv is not None else out_root / "slides.csv")
+
+
 def infer_cohort(
-    model: torch.nn.Module,
+    served,
     slides: Sequence[str | Path],
     cfg_slides,
     out_root: str | Path,
     device: str | torch.device,
-    classes: Sequence[str],
-    threshold: float | None,
     tracker=None,
     progress: bool = True,
     amp: str = "auto",
@@ -575,62 +691,49 @@ def infer_cohort(
 ) -> pd.DataFrame:
     """Infer every slide; one failing slide is recorded with its error while the others finish.
 
-    Slides whose outputs exist are skipped unless ``cfg_slides.overwrite``. The summary is written
-    atomically to ``summary_csv`` (default ``<out_root>/slides.csv``) and returned.
+    A finished slide is skipped when its package, file and settings are unchanged (:func:`slide_key`),
+    unless ``cfg_slides.overwrite``. After each slide its record is written (``records/<name>.json``)
+    and the summary rewritten atomically to ``summary_csv`` (default ``<out_root>/slides.csv``), so a
+    crash loses at most the slide in progress (:func:`rebuild_summary`).
 
     Args:
-        model: the method (see :func:`infer_slide`).
+        served: a :class:`~medwsol.engine.served.ServedModel`.
         slides: slide files.
         cfg_slides: a ``SlidesConfig``.
         out_root: folder of the per-slide folders.
         device: see :func:`infer_slide`.
-        classes: class names in logit order.
-        threshold: heatmap threshold recorded in each meta.json (None: 0.5).
         tracker: optional ``Tracker``; gets cohort metrics and slides.csv as an artifact.
         progress: rich progress bars.
         amp: see :func:`infer_slide`.
         summary_csv: where to write the summary.
 
     Returns:
-        DataFrame with columns slide, status ('ok'|'failed'|'skipped'|'empty'), error, tiles,
+        DataFrame with columns slide, name, status ('ok'|'failed'|'skipped'|'empty'), error, tiles,
         seconds, tiles_per_s, max_score, mean_score, outputs.
 
     Example:
         >>> from medwsol.engine.infer import infer_cohort  # doctest: +SKIP
-        >>> df = infer_cohort(model, slides, cfg.slides, run_dir / "slides", "auto", cfg.data.classes, 0.5)  # doctest: +SKIP
+        >>> df = infer_cohort(served, slides, cfg.slides, run_dir / "slides", "auto")  # doctest: +SKIP
         >>> df.status.tolist()  # doctest: +SKIP
         ['ok', 'failed']
     """
     out_root = Path(out_root)
+    csv = Path(summary_csv) if summary_csv is not None else out_root / "slides.csv"
     rows: list[dict[str, Any]] = []
-    seen: dict[str, Path] = {}
-    for s in slides:
-        s = Path(s)
-        if s.stem in seen:
-            rows.append(_row(s, "failed", error=f"{s}: same name as {seen[s.stem]} (outputs would collide); "
-                             "fix: rename one of the slides"))
-            continue
-        seen[s.stem] = s
+    for s, name in zip([Path(p) for p in slides], output_names(slides, out_root)):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
-                rows.append(infer_slide(model, s, cfg_slides, out_root, device, classes, threshold, progress=progress,
-                                        amp=amp))
+                row = infer_slide(served, s, cfg_slides, out_root, device, progress=progress, amp=amp, name=name)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # noqa: BLE001 - one slide must not stop the cohort
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                msg = f"{s}: CUDA out of memory; fix: lower slides.batch_size"
-            else:
-                msg = _one_line(err)
-                if not msg.startswith(str(s)):
-                    msg = f"{s}: {msg}"
-            warnings.warn(f"slide failed: {msg}", stacklevel=2)
-            rows.append(_row(s, "failed", error=msg))
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    csv = Path(summary_csv) if summary_csv is not None else out_root / "slides.csv"
-    with atomic_path(csv) as tmp:
-        df.to_csv(tmp, index=False)
+            row = _row(s, "failed", error=slide_error_line(s, err), name=name)
+            warnings.warn(f"slide failed: {row['error']}", stacklevel=2)
+        rows.append(row)
+        _write_record(out_root, row)
+        write_summary(rows, csv)
+    df = write_summary(rows, csv)
     if tracker is not None:
         done = df[df.status.isin(["ok", "empty"])]
         tracker.log_metrics({
@@ -641,3 +744,11 @@ def infer_cohort(
         })
         tracker.log_artifact(csv)
     return df
+
+
+def slide_error_line(slide: Path, err: BaseException) -> str:
+    """The one-line error of a failed slide, starting with its path."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return f"{slide}: CUDA out of memory; fix: lower slides.batch_size"
+    msg = _one_line(err)
+    return msg if msg.startswith(str(slide)) else f"{slide}: {msg}"

@@ -40,6 +40,7 @@ SELECT: dict[str, tuple[str, bool]] = {
     "val_loss": ("val_loss", False),
     "valpx_miou": ("valpx_miou", True),
     "valpx_pxap": ("valpx_pxap", True),
+    "valpx_dice": ("valpx_dice", True),
     "last": ("epoch", True),
 }
 
@@ -100,15 +101,24 @@ def _write_log(path: Path, history: list[dict]) -> None:
     write_text(path, pd.DataFrame(history).to_csv(index=False))
 
 
-def train(ctx) -> dict[str, Any]:
-    """The ``train`` stage. Returns a summary (best epoch, metric, checkpoint paths)."""
+def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data.manifest`` into ``run_dir``.
+
+    Writes ``run_dir/checkpoints/{last,best}.pt`` and ``run_dir/train_log.csv``; per-epoch metrics go to
+    ``tracker`` (any :class:`medwsol.tracking.Tracker`, or None). Packaging, registration and the
+    training curves are the pipeline's business.
+
+    Returns:
+        A summary (best epoch and metric, whether the classification guard was met, checkpoint paths).
+    """
     from medwsol.data.datasets import make_dataset, make_loader
     from medwsol.data.manifest import load_manifest
     from medwsol.data.transforms import train_transforms
     from medwsol.engine.evaluate import make_eval_loader, score_split
     from medwsol.methods.base import build_method
 
-    cfg, tracker = ctx.cfg, ctx.tracker
+    log_metrics = tracker.log_metrics if tracker is not None else (lambda *_a, **_k: None)
+    run_dir = Path(run_dir)
     tc, dc = cfg.train, cfg.data
     console = Console(stderr=True)
     set_threads(tc.threads)
@@ -148,7 +158,7 @@ def train(ctx) -> dict[str, Any]:
     sched = build_scheduler(opt, tc)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
 
-    ckdir = ctx.checkpoints
+    ckdir = run_dir / "checkpoints"
     last_path, best_path = ckdir / "last.pt", ckdir / "best.pt"
     start_epoch, best_val, best_epoch, stale, history = 0, None, -1, 0, []
     best_key: tuple[bool, float] | None = None  # selection_key of the best epoch (derived from history on resume)
@@ -156,7 +166,7 @@ def train(ctx) -> dict[str, Any]:
     if guard is not None and not val_recs:
         raise DataError(f"{dc.manifest}: train.select_max_val_error={guard} needs 'valid' rows; "
                         "fix: add a valid split or remove train.select_max_val_error")
-    if ctx.resume:
+    if resume:
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume; fix: drop --resume or pass the right --run-dir")
         ck = read_checkpoint(last_path)
@@ -260,7 +270,8 @@ def train(ctx) -> dict[str, Any]:
                 row.update({"val_error": s["error"], "val_loss": s["loss"]})
             if valpx_loader is not None:
                 s = score_split(model, valpx_loader, device, dtype, tc.channels_last)
-                row.update({"valpx_pxap": s["pxap"], "valpx_miou": s["miou"], "valpx_tau": s["tau"]})
+                row.update({"valpx_pxap": s["pxap"], "valpx_miou": s["miou"], "valpx_dice": s["dice"],
+                            "valpx_tau": s["tau"]})
             value = row.get(key, row["epoch"])
             rank = selection_key(row, key, higher, guard)
             improved = best_key is None or rank > best_key
@@ -273,8 +284,8 @@ def train(ctx) -> dict[str, Any]:
             if improved:
                 write_checkpoint(best_path, payload(epoch))
             write_checkpoint(last_path, payload(epoch))
-            _write_log(ctx.run_dir / "train_log.csv", history)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            _write_log(run_dir / "train_log.csv", history)
+            log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("val", "train_total")))
             progress.console.print(f"epoch {epoch + 1}: {shown}{'  [green]best[/]' if improved else ''}")
             if tc.stop_after and epoch + 1 - start_epoch >= tc.stop_after and epoch + 1 < tc.epochs:
@@ -297,36 +308,7 @@ def train(ctx) -> dict[str, Any]:
     if guard is not None and not (best_key and best_key[0]):
         console.print(f"[yellow]warning:[/] no epoch reached val_error <= {guard} (train.select_max_val_error); "
                       f"kept the epoch with the lowest val_error ({best_epoch})")
-    _finish(ctx, summary, classes, device)
+    summary["guard_met"] = bool(guard is None or (best_key and best_key[0]))
+    log_metrics({"best_epoch": best_epoch, "train_seconds": summary["seconds"],
+                         f"best_{tc.select_metric}": best_val or 0.0})
     return summary
-
-
-def _finish(ctx, summary: dict[str, Any], classes: list[str], device: torch.device) -> None:
-    """Curves, the best checkpoint and the model (logged and registered) to the tracker."""
-    from medwsol.checkpoint import model_from_checkpoint
-    from medwsol.export.overlay import plot_training_curves
-
-    cfg, tracker = ctx.cfg, ctx.tracker
-    curves = ctx.run_dir / "train_curves.png"
-    plot_training_curves(ctx.run_dir / "train_log.csv", curves)
-    for p in (curves, ctx.run_dir / "train_log.csv", ctx.run_dir / "config.yaml"):
-        tracker.log_artifact(p)
-    best = ctx.checkpoints / "best.pt"
-    tracker.log_artifact(best, "checkpoints")
-    tracker.log_metrics({"best_epoch": summary["best_epoch"], "train_seconds": summary["seconds"],
-                         f"best_{summary['select_metric']}": summary["best_value"] or 0.0})
-    model = model_from_checkpoint(read_checkpoint(best)).cpu().eval()
-    model.classes = classes
-    size = cfg.data.patch_size
-    example = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    uri = tracker.log_model(model, "model", example)
-    if uri and cfg.tracking.register_as:
-        _, higher = SELECT[summary["select_metric"]]
-        reg = tracker.register(uri, cfg.tracking.register_as, summary["select_metric"],
-                               float(summary["best_value"] or 0.0), higher)
-        summary["registry"] = reg
-        Console(stderr=True).print(
-            f"registered {reg['registered_model']} v{reg['version']} ({reg['select_metric']}={reg['value']:.4g}); "
-            f"champion: v{reg['champion_version']}"
-            + ("" if reg["champion_moved"] else f" (kept: previous {reg['previous_champion_value']:.4g} is not beaten)")
-        )

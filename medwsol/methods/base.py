@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from medwsol.methods.catalog import METHOD_PARAMS, METHODS
 
-__all__ = ["WSOLOutput", "WSOLMethod", "build_method"]
+__all__ = ["WSOLOutput", "WSOLMethod", "build_method", "normalize_map", "rescale", "upsample_to"]
 
 
 @dataclass
@@ -52,6 +52,11 @@ class WSOLMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: True when ``weight_map`` is ``map_from_raw(extras["raw_map"])`` with the *image's own* min and max
+    #: (CAM, Grad-CAM, min-max entropy: the evaluation protocol's per-image normalisation). A slide
+    #: heatmap must not rescale tile by tile, so the model package stores one fixed range fitted on
+    #: validation and serving calls :meth:`map_from_raw` with it (``medwsol.engine.served``).
+    normalizes_per_image: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -85,6 +90,15 @@ class WSOLMethod(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.epoch = int(state.get("epoch", 0))
+
+    def map_from_raw(self, raw: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+        """The weight map from the un-normalised score map ``raw`` with the range ``[lo, hi]``.
+
+        ``forward`` uses each image's own min and max (so ``weight_map`` is exactly
+        ``map_from_raw(raw, raw.min(), raw.max())`` per image); serving uses one fixed range.
+        Methods whose map is not a rescaled score (``normalizes_per_image = False``) never call it.
+        """
+        return rescale(raw, lo, hi)
 
     def describe(self) -> dict[str, Any]:
         """What is needed to rebuild this model (stored in checkpoints)."""
@@ -125,12 +139,17 @@ def build_method(
     )
 
 
+def rescale(m: Tensor, lo: Tensor | float, hi: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """``clamp((m - lo) / (hi - lo + eps), 0, 1)``: the one map transform, per image or fixed."""
+    return ((m - lo) / (hi - lo + eps)).clamp(0, 1)
+
+
 def normalize_map(m: Tensor, eps: float = 1e-6) -> Tensor:
     """Per-image min-max normalisation of ``[B, 1, H, W]`` maps to [0, 1]."""
     flat = m.flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
-    return ((flat - lo) / (hi - lo + eps)).view_as(m).clamp(0, 1)
+    return rescale(flat, lo, hi, eps).view_as(m)
 
 
 def upsample_to(m: Tensor, size: tuple[int, int]) -> Tensor:

@@ -12,7 +12,8 @@ Weight map: the class map of the predicted class (``params.map_class =
 al. (CVPR 2020), no ReLU is applied: the map is min-max normalised per image
 after bilinear upsampling to the input size (the order of Choe et al.'s
 code), so that in every image the weakest pixel is exactly 0 and the strongest
-exactly 1.
+exactly 1. The map before that normalisation is ``extras["raw_map"]``; slide
+serving rescales it with one fixed range instead (``map_from_raw``).
 
 Training loss: cross-entropy of the logits with the image label (in float32,
 so it is safe under autocast).
@@ -60,6 +61,7 @@ class CAM(WSOLMethod):
     """
 
     name = "cam"
+    normalizes_per_image = True
 
     def __init__(
         self,
@@ -114,8 +116,8 @@ class CAM(WSOLMethod):
         logits = cams.mean(dim=(2, 3))
         target = self._target(logits, labels)
         chosen = cams.gather(1, target.view(-1, 1, 1, 1).expand(-1, 1, *cams.shape[2:]))
-        weight_map = normalize_map(upsample_to(chosen, tuple(x.shape[-2:])))
-        return WSOLOutput(logits=logits, weight_map=weight_map, extras={"class_maps": cams})
+        raw = upsample_to(chosen, tuple(x.shape[-2:]))
+        return WSOLOutput(logits=logits, weight_map=normalize_map(raw), extras={"class_maps": cams, "raw_map": raw})
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Cross-entropy of the image-level logits with ``batch["label"]``."""

@@ -72,5 +72,6 @@ class GradCAM(CAM):
         logits = cams.mean(dim=(2, 3))
         target = self._target(logits, labels)
         cam = self.gradcam(feats, target)
-        weight_map = normalize_map(upsample_to(cam, tuple(x.shape[-2:])))
-        return WSOLOutput(logits=logits, weight_map=weight_map, extras={"class_maps": cams, "gradcam": cam})
+        raw = upsample_to(cam, tuple(x.shape[-2:]))
+        return WSOLOutput(logits=logits, weight_map=normalize_map(raw),
+                          extras={"class_maps": cams, "gradcam": cam, "raw_map": raw})

@@ -14,8 +14,8 @@ kmin term but (by a missing assignment) never adds it. Head dropout
 (``dropout``) is applied to the selected activations, as in the public code.
 
 Mask: ``m = sum_c softmax(localizer scores)_c * localizer class map_c``,
-bilinearly upsampled to the input size, min-max normalised per image
-(``raw_map``), then the pseudo-binary ``M = sigmoid(w (m - sigma))``
+bilinearly upsampled to the input size (``extras["raw_map"]``), min-max
+normalised per image (``extras["norm_map"]``), then the pseudo-binary ``M = sigmoid(w (m - sigma))``
 (``sigmoid_w``, ``sigmoid_sigma``; defaults are the 2019 paper's w=8, sigma=0.5;
 TMI used w=5, sigma~0.15-0.2). ``M`` is the ``weight_map`` (so thresholding at
 0.5 is thresholding ``raw_map`` at sigma).
@@ -85,7 +85,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from medwsol.methods.backbones import ImageNetNorm, build_backbone
-from medwsol.methods.base import WSOLMethod, WSOLOutput, normalize_map, upsample_to
+from medwsol.methods.base import WSOLMethod, WSOLOutput, normalize_map, rescale, upsample_to
 from medwsol.methods.catalog import METHODS
 
 __all__ = [
@@ -241,10 +241,11 @@ class MinMaxEntropy(WSOLMethod):
         ['bg', 'fg', 'loc', 'size', 'total']
         >>> out = m.eval()(torch.rand(1, 3, 70, 90))
         >>> tuple(out.weight_map.shape), sorted(out.extras)
-        ((1, 1, 70, 90), ['loc_logits', 'raw_map'])
+        ((1, 1, 70, 90), ['loc_logits', 'norm_map', 'raw_map'])
     """
 
     name = "minmax_entropy"
+    normalizes_per_image = True
 
     def __init__(
         self,
@@ -265,8 +266,8 @@ class MinMaxEntropy(WSOLMethod):
         self.barrier_t = float(min(p.barrier_t0, p.barrier_tmax))
 
     # -- building blocks ------------------------------------------------------------------------------------------
-    def localize(self, xn: Tensor) -> tuple[Tensor, Tensor]:
-        """Localizer scores ``[B, C]`` and the normalised map ``raw_map`` ``[B, 1, H, W]`` in [0, 1].
+    def localize_raw(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """Localizer scores ``[B, C]`` and the un-normalised mixture map ``[B, 1, H, W]`` at input size.
 
         Args:
             xn: ImageNet-normalised images.
@@ -274,7 +275,20 @@ class MinMaxEntropy(WSOLMethod):
         scores, maps = self.loc_head(self.backbone(xn))
         probs = torch.softmax(scores, dim=1)
         m = (probs[:, :, None, None] * maps).sum(dim=1, keepdim=True)
-        return scores, normalize_map(upsample_to(m, tuple(xn.shape[-2:])))
+        return scores, upsample_to(m, tuple(xn.shape[-2:]))
+
+    def localize(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """Localizer scores ``[B, C]`` and the per-image min-max normalised map ``[B, 1, H, W]`` in [0, 1].
+
+        Args:
+            xn: ImageNet-normalised images.
+        """
+        scores, raw = self.localize_raw(xn)
+        return scores, normalize_map(raw)
+
+    def map_from_raw(self, raw: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+        """The pseudo-binary mask of the mixture map rescaled with ``[lo, hi]``."""
+        return self.pseudo_binary(rescale(raw, lo, hi))
 
     def pseudo_binary(self, raw: Tensor) -> Tensor:
         """``sigmoid(w (raw - sigma))``."""
@@ -315,10 +329,12 @@ class MinMaxEntropy(WSOLMethod):
             labels: unused (accepted for a uniform call signature).
         """
         xn = self.norm(x)
-        loc_scores, raw = self.localize(xn)
-        mask = self.pseudo_binary(raw)
+        loc_scores, raw = self.localize_raw(xn)
+        norm = normalize_map(raw)
+        mask = self.pseudo_binary(norm)
         logits = self.classify(xn * mask) if self.params.fg_loss else loc_scores
-        return WSOLOutput(logits=logits, weight_map=mask, extras={"loc_logits": loc_scores, "raw_map": raw})
+        return WSOLOutput(logits=logits, weight_map=mask,
+                          extras={"loc_logits": loc_scores, "raw_map": raw, "norm_map": norm})
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every active term (``fg``, ``bg``, ``loc``, ``size``), weighted, and their sum ``total``."""
