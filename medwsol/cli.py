@@ -30,6 +30,25 @@ benchmark_app = typer.Typer(help="Benchmarks that print tables measured in one r
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(benchmark_app, name="benchmark")
 
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"medwsol {version('medwsol')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            typer.echo("medwsol (not installed; run: pip install -e .)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version_callback,
+                                 help="Print the installed medwsol version and exit."),
+) -> None:
+    """Weakly-supervised object localization for histology: prepare, train, evaluate, infer, export."""
+
+
 SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: new for prepare/train/run, latest otherwise).")
 
