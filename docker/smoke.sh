@@ -16,6 +16,9 @@
 # copied into docker/wheels/ for this build only, and TORCH_INDEX_URL then defaults to PyPI for torch's own
 # dependencies. The Dockerfile refuses a CUDA torch either way.
 #
+# It leaves the images medwsol:cpu-smoke (the runtime) and medwsol:cpu-smoke-checked (the smoke stage) and the base
+# behind for inspection: `podman rmi medwsol:cpu-smoke-checked medwsol:cpu-smoke` removes them.
+#
 # Environment: SMOKE_DIR (cache of the base rootfs, /var/tmp/medwsol-smoke), SMOKE_REBUILD_BASE=1, DEBIAN_MIRROR,
 # TORCH_VERSION (2.13.0), TORCH_WHEEL, TORCH_INDEX_URL, PIP_INDEX_URL (https://pypi.org/simple), IMAGE (medwsol:cpu-smoke).
 set -euo pipefail
