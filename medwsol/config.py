@@ -218,9 +218,11 @@ class SlidesConfig(Section):
     tile_size: int = Field(256, ge=32, description="tile side at target_mpp (a model package sets it)")
     overlap: int | None = Field(None, ge=0, description="px between neighbouring tiles (default: a quarter of "
                                 "the tile, blended so that tile borders do not show)")
-    blend: Literal["gaussian", "constant"] = Field(
-        "gaussian", description="weights of overlapping tiles: MONAI's Gaussian importance map (tile borders "
-        "count little) or a plain average")
+    blend: Literal["feather", "gaussian", "constant"] = Field(
+        "feather", description="weights of overlapping tiles: feather (linear cross-fade across the overlap: no "
+        "step at tile edges nor at hand-over lines), MONAI's Gaussian importance map, or a plain average")
+    blend_sigma: float = Field(0.125, gt=0, le=2, description="sigma of the Gaussian importance map, as a fraction "
+                               "of the tile (MONAI's sigma_scale)")
     min_tissue: float = Field(0.1, ge=0, le=1)
     tissue_mpp: float = Field(16.0, gt=0, description="resolution of the tissue mask")
     output_mpp: float = Field(4.0, gt=0, description="resolution of the stitched heatmap")
@@ -234,6 +236,10 @@ class SlidesConfig(Section):
         "(keeps the evidence maps of tiles the classifier calls normal from lighting up)",
     )
     positive_class: str | None = Field(None, description="class whose probability scales the map (default: the last class)")
+    map_class: Literal["predicted", "positive"] = Field(
+        "predicted", description="the map a packaged model serves: the method's own (predicted class / probability "
+        "mixture, as the evaluation protocol) or the positive class's for every tile (a tumour-evidence map that does "
+        "not switch class between neighbouring tiles; CAM, Grad-CAM, min-max entropy)")
     out_dir: Path | None = Field(None, description="default: <run dir>/slides")
     overwrite: bool = False
 

@@ -222,10 +222,10 @@ def stage_evaluate(ctx) -> None:
         served = served_from_package(pkg)
         calibration = pkg.calibration
     else:
-        calibration = calibrate(network, cfg, df, device, cfg.slides.score, _positive_class(cfg))
+        calibration = calibrate(network, cfg, df, device, cfg.slides.score, _positive_class(cfg), cfg.slides.map_class)
         served = ServedModel(network, list(cfg.data.classes), calibration["positive_class"], calibration["score"],
                              map_range=calibration["map_range"], tau=calibration["tau"],
-                             tau_source=calibration["tau_chosen_on"])
+                             tau_source=calibration["tau_chosen_on"], map_class=calibration["map_class"])
         ctx.results["calibration"] = calibration
     out_dir = ctx.run_dir / "eval"
     res = evaluate_model(network, cfg, df, device, served=served, console=console)
@@ -315,7 +315,7 @@ def package_run(ctx) -> Path | None:
         network = model_from_checkpoint(ck).to(device)
         network.classes = list(cfg.data.classes)
         df = load_manifest(cfg.data.manifest, list(cfg.data.classes))
-        calibration = calibrate(network, cfg, df, device, cfg.slides.score, _positive_class(cfg))
+        calibration = calibrate(network, cfg, df, device, cfg.slides.score, _positive_class(cfg), cfg.slides.map_class)
     history = ck.get("history") or []
     best_row = next((r for r in history if r.get("epoch") == ck.get("best_epoch")), {})
     metrics = ctx.results.get("evaluate") or {}
@@ -398,6 +398,9 @@ def serving_setup(pkg, slides_cfg, explicit: set[str] | None = None, classes: li
     tau = None
     source = None
     changed = (score not in (None, cal["score"])) or (positive not in (None, pkg.meta["positive_class"]))
+    if "map_class" in explicit and slides_cfg.map_class != cal.get("map_class", "predicted"):
+        raise ConfigError(f"slides.map_class: the package serves the {cal.get('map_class', 'predicted')} map (its map "
+                          "range and tau were fitted on it); fix: drop the override, or re-package the model")
     if "threshold" in explicit and slides_cfg.threshold is not None:
         tau, source = float(slides_cfg.threshold), "slides.threshold (set explicitly)"
     elif changed:
@@ -442,9 +445,10 @@ def infer_from_package(pkg, slides: list[Path], settings, out_dir: Path, device,
     console = console or _console()
     if served is None:
         served, settings = serving_setup(pkg, settings)
-    console.print(f"{len(slides)} slide(s); model {pkg.source} ({pkg.digest[:19]}); {served.score_mode} score of "
-                  f"{served.positive_class!r}; tau {served.tau:.3f} from {served.tau_source}; tiles "
-                  f"{settings.tile_size} px at {settings.target_mpp} um/px; output {out_dir}")
+    score = ("weight map x P(" + served.positive_class + ")") if served.score_mode == "weight_x_prob" else "weight map"
+    console.print(f"{len(slides)} slide(s); model {pkg.source} ({pkg.digest[:19]}); score: {score}; "
+                  f"tau {served.tau:.3f} from {served.tau_source}; tiles {settings.tile_size} px at "
+                  f"{settings.target_mpp} um/px; output {out_dir}")
     df = infer_cohort(served, slides, settings, out_dir, device, tracker=tracker, amp=amp)
     for _, r in df[df.status == "failed"].iterrows():
         console.print(f"[red]failed:[/] {r['error']}")
@@ -491,7 +495,7 @@ def score_slide(folder: Path, truth: Path, threshold: float | None, exported_geo
     from shapely.ops import unary_union
 
     from medwsol.data.geometry import rasterize_geometry
-    from medwsol.engine.infer import load_heatmap
+    from medwsol.engine.infer import load_heatmap, tile_boxes
     from medwsol.metrics import seam_ratio
 
     heat, cov, meta = load_heatmap(folder)
@@ -517,12 +521,13 @@ def score_slide(folder: Path, truth: Path, threshold: float | None, exported_geo
     }
     tiles = pd.read_csv(folder / "tiles.csv")
     if len(tiles):
-        c0 = np.floor(tiles.x.to_numpy() / k + 0.5)
-        r0 = np.floor(tiles.y.to_numpy() / k + 0.5)
-        t0 = float(meta["level0_tile_size"])
-        c1 = np.maximum(c0 + 1, np.floor((tiles.x.to_numpy() + t0) / k + 0.5))
-        r1 = np.maximum(r0 + 1, np.floor((tiles.y.to_numpy() + t0) / k + 0.5))
-        out.update(seam_ratio(heat, np.asarray(cov[:, :]), np.stack([r0, c0, r1, c1], 1).astype(np.int64)))
+        # seams where one tile hands over to the next: the stitch lines halfway into each overlap (the tile
+        # edges themselves when tiles do not overlap); and, for reference, at the tiles' own edges
+        xy, t0 = tiles[["x", "y"]].to_numpy(), float(meta["level0_tile_size"])
+        half = 0.5 * float(meta.get("overlap") or 0) * float(meta["target_mpp"]) / float(meta["slide_mpp"])
+        covered = np.asarray(cov[:, :])
+        out.update(seam_ratio(heat, covered, tile_boxes(xy, k, t0, inset=half)))
+        out["seam_ratio_tile_edges"] = seam_ratio(heat, covered, tile_boxes(xy, k, t0))["seam_ratio"]
     if exported_geojson is not None and exported_geojson.is_file():
         from medwsol.export.qupath import polygons_iou, read_geojson
 

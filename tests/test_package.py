@@ -293,6 +293,14 @@ def test_infer_from_the_registry_in_an_empty_folder(pkg_dir, tmp_path):
     res = _cli(["infer", str(slide), "--model", "models:/missing@champion", "--out", "out3", "--tracking-uri", store],
                empty, check=False)
     assert res.returncode == 2 and "models:/missing@champion" in res.stderr and not (empty / "out3").exists()
+    res = _cli(["infer", str(slide), "--model", "models:/medwsol-demo@champion", "--out", "out4", "--tracking-uri",
+                "http://127.0.0.1:9"], empty, check=False)
+    assert res.returncode == 2 and "cannot reach the MLflow tracking store" in res.stderr and not (empty / "out4").exists()
+    newer = _edit(pkg_dir, tmp_path / "newer", lambda m: m.update(schema_version=SCHEMA_VERSION + 1))
+    res = _cli(["infer", str(slide), "--model", str(newer), "--out", "out5"], empty, check=False)
+    assert res.returncode == 2 and "newer than this medwsol reads" in res.stderr and not (empty / "out5").exists()
+    for r in (res,):
+        assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1 and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -427,15 +427,27 @@ def _balance(tiles: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 def _choose_valpx(tiles: pd.DataFrame, n_valpx: int, seed: int) -> np.ndarray:
-    """``n_valpx`` pixel-labelled validation tiles, spread over classes (as manifest.assign_splits does)."""
+    """``n_valpx`` pixel-labelled validation tiles, spread over classes (as manifest.assign_splits does).
+
+    Tumour tiles that straddle the tumour boundary (tumour fraction < 0.9) are taken first: a tile that is
+    all tumour says nothing about where a map should stop, so a threshold chosen on such tiles alone is
+    arbitrary (any value between the normal tiles' scores and the tumour tiles' fits them perfectly).
+    """
     valpx = np.zeros(len(tiles), np.int64)
     labels = sorted(tiles["label"].unique())
     rng = np.random.default_rng([seed, 7])
+    frac = tiles["tumour"].to_numpy() if "tumour" in tiles else np.zeros(len(tiles))
     for j, c in enumerate(labels):
         want = n_valpx // len(labels) + (1 if j < n_valpx % len(labels) else 0)
         cand = np.flatnonzero(((tiles["split"] == "valid") & (tiles["label"] == c)).to_numpy())
-        if want and len(cand):
-            valpx[rng.choice(cand, size=min(want, len(cand)), replace=False)] = 1
+        if not want or not len(cand):
+            continue
+        edge = cand[(frac[cand] > 0) & (frac[cand] < 0.9)]
+        rest = np.setdiff1d(cand, edge)
+        pick = rng.choice(edge, size=min(want, len(edge)), replace=False) if len(edge) else edge
+        if len(pick) < want and len(rest):
+            pick = np.concatenate([pick, rng.choice(rest, size=min(want - len(pick), len(rest)), replace=False)])
+        valpx[pick.astype(np.int64)] = 1
     return valpx
 
 

@@ -130,8 +130,8 @@ def _predict_group(model, batch: dict, device, dtype, channels_last: bool, serve
         else:
             out = model(b["image"])
             probs_t, maps_t = F.softmax(out.logits.float(), dim=1), out.weight_map
-            if served is not None:
-                sp, _, ss = served.serve(out)
+            if served is not None:  # the served view: the same forward pass unless it serves another map class
+                sp, _, ss = served.serve(out if served.target_class is None else served.run_network(b["image"]))
     if not (torch.isfinite(maps_t).all() and torch.isfinite(probs_t).all()):
         from medwsol.errors import TrainingError
 
@@ -236,7 +236,8 @@ class EvalResult:
     overlay_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def calibrate(network, cfg, df, device: torch.device, score: str, positive_class: str) -> dict[str, Any]:
+def calibrate(network, cfg, df, device: torch.device, score: str, positive_class: str,
+              map_class: str = "predicted") -> dict[str, Any]:
     """Fit what the package serves: the fixed map range, then ``tau`` on the served score.
 
     * ``map_range`` (methods that normalise per image): :func:`~medwsol.engine.served.fit_map_range`
@@ -254,15 +255,18 @@ def calibrate(network, cfg, df, device: torch.device, score: str, positive_class
     n_bins = int(round(1.0 / ev.threshold_step))
     dtype = amp_dtype(device, cfg.train.amp)
     classes = list(getattr(network, "classes", None) or cfg.data.classes)
+    probe = ServedModel(network, classes, positive_class, score, map_class=map_class)
     fitted, where = None, None
     for split, recs in (("valid", split_records(df, "valid")), ("valpx", split_records(df, "valpx")),
                         ("train", split_records(df, "train")[:64])):
         if recs:
             with autocast(device, dtype):
-                fitted = fit_map_range(network, _batches(make_eval_loader(recs, cfg, cache=False)), device)
+                fitted = fit_map_range(network, _batches(make_eval_loader(recs, cfg, cache=False)), device,
+                                       target_class=probe.target_class)
             where = split
             break
-    served = ServedModel(network, classes, positive_class, score, map_range=fitted and fitted["map_range"])
+    served = ServedModel(network, classes, positive_class, score, map_range=fitted and fitted["map_range"],
+                         map_class=map_class)
     recs = [r for r in split_records(df, ev.threshold_split) if "mask" in r]
     cal: dict[str, Any] = {
         "map_range": fitted and fitted["map_range"],
@@ -270,6 +274,7 @@ def calibrate(network, cfg, df, device: torch.device, score: str, positive_class
                                 "images" if fitted else "none needed (the method's map is not rescaled per image)"),
         "score": score,
         "positive_class": positive_class,
+        "map_class": served.map_class if served.target_class is not None else "predicted",
         "tau": 0.5,
         "tau_chosen_on": "default 0.5 (no pixel-labelled validation images)",
     }

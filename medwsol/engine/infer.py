@@ -100,6 +100,7 @@ __all__ = [
     "write_summary",
     "slide_error_line",
     "effective_overlap",
+    "tile_boxes",
 ]
 
 FORMAT = "medwsol-slide-heatmap"
@@ -333,10 +334,25 @@ def _finish_merger(m: BandedZarrMerger, folder: Path) -> str:
     return "zarr"
 
 
-def importance_map(h: int, w: int, blend: str, sigma_scale: float = 0.125) -> np.ndarray:
-    """Per-pixel weights of a ``h x w`` tile footprint: MONAI's Gaussian importance map, or ones."""
+def importance_map(h: int, w: int, blend: str, sigma_scale: float = 0.125, ramp: float = 0.0) -> np.ndarray:
+    """Per-pixel weights of a ``h x w`` tile footprint for blending overlapping tiles.
+
+    * ``feather``: 1 in the middle, falling linearly to ~0 over ``ramp`` pixels at each border (ramp =
+      the overlap): the weights of two neighbouring tiles cross-fade linearly across their overlap, so
+      the stitched map has no step at a tile's edge nor where one tile hands over to the next;
+    * ``gaussian``: MONAI's Gaussian importance map (``sigma_scale`` of the tile);
+    * ``constant``: ones (a plain average; steps at tile edges).
+    """
     if blend == "constant":
         return np.ones((h, w), np.float32)
+    if blend == "feather":
+        r = max(float(ramp), 1.0)
+
+        def ramp1d(n: int) -> np.ndarray:
+            d = np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5)
+            return np.clip(d / r, 1e-3, 1.0)
+
+        return np.outer(ramp1d(h), ramp1d(w)).astype(np.float32)
     from monai.data.utils import compute_importance_map
 
     return compute_importance_map((h, w), mode="gaussian", sigma_scale=sigma_scale).numpy().astype(np.float32)
@@ -410,7 +426,25 @@ def _as_device(device: str | torch.device) -> torch.device:
 
 #: SlidesConfig fields that change a slide's outputs (the rest - batch size, workers, paths - do not).
 OUTPUT_SETTINGS = ("target_mpp", "tile_size", "overlap", "min_tissue", "tissue_mpp", "output_mpp", "fallback_mpp",
-                   "blend", "max_tissue_px")
+                   "blend", "blend_sigma", "max_tissue_px")
+
+
+def tile_boxes(xy: np.ndarray, k: float, tile0: float, inset: float = 0.0) -> np.ndarray:
+    """Heatmap footprints ``(r0, c0, r1, c1)`` (end exclusive) of tiles at level-0 top-left ``xy``.
+
+    Args:
+        xy: int ``[N, 2]`` level-0 ``(x, y)``.
+        k: level-0 px per heatmap px.
+        tile0: tile side in level-0 px.
+        inset: level-0 px taken off every side (half the overlap gives the stitch cells: where one
+            tile hands over to the next).
+    """
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    c0 = np.floor((xy[:, 0] + inset) / k + 0.5).astype(np.int64)
+    r0 = np.floor((xy[:, 1] + inset) / k + 0.5).astype(np.int64)
+    c1 = np.maximum(c0 + 1, np.floor((xy[:, 0] + tile0 - inset) / k + 0.5).astype(np.int64))
+    r1 = np.maximum(r0 + 1, np.floor((xy[:, 1] + tile0 - inset) / k + 0.5).astype(np.int64))
+    return np.stack([r0, c0, r1, c1], 1)
 
 
 def effective_overlap(cfg) -> int:
@@ -539,10 +573,7 @@ def infer_slide(
     k = cfg.output_mpp / base_mpp  # level-0 px per heatmap px
     tile0 = cfg.tile_size * cfg.target_mpp / base_mpp  # tile side in level-0 px
     out_h, out_w = max(1, math.ceil(h0 / k - 1e-9)), max(1, math.ceil(w0 / k - 1e-9))
-    c0 = np.floor(xy[:, 0] / k + 0.5).astype(np.int64)
-    r0 = np.floor(xy[:, 1] / k + 0.5).astype(np.int64)
-    c1 = np.maximum(c0 + 1, np.floor((xy[:, 0] + tile0) / k + 0.5).astype(np.int64))
-    r1 = np.maximum(r0 + 1, np.floor((xy[:, 1] + tile0) / k + 0.5).astype(np.int64))
+    r0, c0, r1, c1 = tile_boxes(xy, k, tile0).T
     merged = (max(out_h, int(r1.max(initial=0))), max(out_w, int(c1.max(initial=0))))
 
     n = len(xy)
@@ -554,7 +585,7 @@ def infer_slide(
         "heatmap_shape": [out_h, out_w], "heatmap_mpp": float(cfg.output_mpp), "level0_per_heatmap_px": float(k),
         "tile_size": int(cfg.tile_size), "overlap": overlap, "target_mpp": float(cfg.target_mpp),
         "level0_tile_size": float(tile0), "tissue_mpp": float(mask_mpp), "min_tissue": float(cfg.min_tissue),
-        "blend": getattr(cfg, "blend", "gaussian"),
+        "blend": getattr(cfg, "blend", "gaussian"), "blend_sigma": float(getattr(cfg, "blend_sigma", 0.125)),
         "threshold": float(served.tau), "threshold_source": served.tau_source, "classes": classes,
         "score": served.score_mode, "positive_class": served.positive_class,
         "model": served.describe(), "key": key,
@@ -604,7 +635,8 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
         worker_init_fn=_worker_init if nw else None, prefetch_factor=4 if nw else None, persistent_workers=False,
     )
     dtype = amp_dtype(dev, amp)
-    blend = getattr(cfg, "blend", "gaussian")
+    blend, sigma = getattr(cfg, "blend", "gaussian"), float(getattr(cfg, "blend_sigma", 0.125))
+    ramp = float(effective_overlap(cfg))  # tile px; scaled to each footprint below
     weights: dict[tuple[int, int], np.ndarray] = {}
     served.to(dev).eval()
     served.to(memory_format=torch.channels_last)  # as in training: oneDNN / cuDNN's fast NHWC convolutions
@@ -639,7 +671,7 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
                     for j, s in enumerate(sel):
                         small[s] = part[j : j + 1]
                     if (bh, bw) not in weights:
-                        weights[(bh, bw)] = importance_map(bh, bw, blend)
+                        weights[(bh, bw)] = importance_map(bh, bw, blend, sigma, ramp=ramp * bh / cfg.tile_size)
                 for j, i in enumerate(idx):  # grid order: rows never go back (BandedZarrMerger needs it)
                     tile = small[j]
                     sink.aggregate(tile, (int(r0[i]), int(c0[i])), weights[tuple(tile.shape[-2:])])

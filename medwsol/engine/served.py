@@ -52,6 +52,9 @@ class ServedModel(nn.Module):
         tau: threshold on ``score``.
         tau_source: where ``tau`` came from (printed and recorded).
         digest: the package digest (None for an unpackaged network).
+        map_class: ``"predicted"`` (the method's own map: predicted class, probability mixture) or
+            ``"positive"`` (the positive class's map for every tile, when the network supports
+            ``target_class``: a tumour-evidence map that does not switch class from tile to tile).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ServedModel(nn.Module):
         tau: float = 0.5,
         tau_source: str = "default 0.5",
         digest: str | None = None,
+        map_class: str = "predicted",
     ) -> None:
         super().__init__()
         if score not in SCORES:
@@ -79,14 +83,24 @@ class ServedModel(nn.Module):
         self.tau = float(tau)
         self.tau_source = tau_source
         self.digest = digest
+        self.map_class = map_class
+        #: class whose map is served (None: the network's own choice)
+        self.target_class = (self.positive if map_class == "positive"
+                             and getattr(network, "supports_target_class", False) else None)
 
     def describe(self) -> dict[str, Any]:
         desc = self.network.describe() if hasattr(self.network, "describe") else {"class": type(self.network).__name__}
         return {**desc, "digest": self.digest, "score": self.score_mode, "map_range": self.map_range,
-                "positive_class": self.positive_class}
+                "map_class": self.map_class, "positive_class": self.positive_class}
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.serve(self.network(x))
+        return self.serve(self.run_network(x))
+
+    def run_network(self, x: Tensor):
+        """The network's ``WSOLOutput`` for the served map class."""
+        if self.target_class is None:
+            return self.network(x)
+        return self.network(x, target_class=self.target_class)
 
     def serve(self, out) -> tuple[Tensor, Tensor, Tensor]:
         """``(probs, weight, score)`` from the network's ``WSOLOutput`` (one forward pass serves both views)."""
@@ -113,12 +127,13 @@ def served_from_package(pkg, score: str | None = None, positive_class: str | Non
         pkg.network, pkg.classes, positive_class or pkg.meta["positive_class"], score or cal["score"],
         map_range=cal.get("map_range"), tau=float(cal["tau"]) if tau is None else float(tau),
         tau_source=tau_source or f"package {pkg.source} ({cal.get('tau_chosen_on', 'calibration')})",
-        digest=pkg.digest,
+        digest=pkg.digest, map_class=cal.get("map_class", "predicted"),
     )
 
 
 @torch.no_grad()
-def fit_map_range(network: nn.Module, batches: Iterable[dict], device: torch.device) -> dict[str, Any] | None:
+def fit_map_range(network: nn.Module, batches: Iterable[dict], device: torch.device,
+                  target_class: int | None = None) -> dict[str, Any] | None:
     """The fixed ``[lo, hi]`` that replaces per-image min-max normalisation when serving.
 
     ``lo`` and ``hi`` are the medians, over the images, of each image's raw-map minimum and
@@ -131,13 +146,16 @@ def fit_map_range(network: nn.Module, batches: Iterable[dict], device: torch.dev
         batches: dicts with ``image`` ``[B, 3, H, W]`` in [0, 1] and ``size`` ``[B, 2]`` (the unpadded
             height and width), as the evaluation loader makes them.
         device: where to run.
+        target_class: fit the range of this class's map (``ServedModel.target_class``).
     """
     if not getattr(network, "normalizes_per_image", False):
         return None
     network.eval()
     mins, maxs = [], []
     for b in batches:
-        raw = network(b["image"].to(device)).extras["raw_map"].float()
+        x = b["image"].to(device)
+        out = network(x) if target_class is None else network(x, target_class=target_class)
+        raw = out.extras["raw_map"].float()
         for i, (h, w) in enumerate(b["size"].tolist()):
             r = raw[i, :, :h, :w]
             mins.append(float(r.min()))

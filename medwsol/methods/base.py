@@ -57,6 +57,10 @@ class WSOLMethod(nn.Module):
     #: heatmap must not rescale tile by tile, so the model package stores one fixed range fitted on
     #: validation and serving calls :meth:`map_from_raw` with it (``medwsol.engine.served``).
     normalizes_per_image: ClassVar[bool] = False
+    #: True when ``forward(x, target_class=c)`` returns the map of class ``c`` (CAM, Grad-CAM, min-max
+    #: entropy) instead of the predicted class's (or the probability mixture's); the logits are unchanged.
+    #: A slide heatmap of "tumour evidence" serves the positive class's map (``calibration.map_class``).
+    supports_target_class: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -62,6 +62,7 @@ class CAM(WSOLMethod):
 
     name = "cam"
     normalizes_per_image = True
+    supports_target_class = True
 
     def __init__(
         self,
@@ -104,17 +105,19 @@ class CAM(WSOLMethod):
             return labels.to(device=logits.device, dtype=torch.long).view(-1)
         return logits.argmax(dim=1)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> WSOLOutput:
-        """Logits, the CAM of the predicted (or labelled) class, and all class maps.
+    def forward(self, x: Tensor, labels: Tensor | None = None, target_class: int | None = None) -> WSOLOutput:
+        """Logits, the CAM of the predicted (or labelled, or ``target_class``) class, and all class maps.
 
         Args:
             x: RGB images in [0, 1], ``[B, 3, H, W]``.
             labels: optional ``[B]`` class indices (used when ``map_class="label"``).
+            target_class: when given, the map of this class for every image (slide serving).
         """
         feats = self.features(x)
         cams = self.class_maps(feats).float()
         logits = cams.mean(dim=(2, 3))
-        target = self._target(logits, labels)
+        target = self._target(logits, labels) if target_class is None else torch.full_like(
+            logits[:, 0], int(target_class), dtype=torch.long)
         chosen = cams.gather(1, target.view(-1, 1, 1, 1).expand(-1, 1, *cams.shape[2:]))
         raw = upsample_to(chosen, tuple(x.shape[-2:]))
         return WSOLOutput(logits=logits, weight_map=normalize_map(raw), extras={"class_maps": cams, "raw_map": raw})

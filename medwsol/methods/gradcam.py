@@ -65,12 +65,13 @@ class GradCAM(CAM):
             cam = torch.relu((alpha * a.detach()).sum(dim=1, keepdim=True))
         return cam
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> WSOLOutput:
-        """Logits and the Grad-CAM of the predicted (or labelled) class."""
+    def forward(self, x: Tensor, labels: Tensor | None = None, target_class: int | None = None) -> WSOLOutput:
+        """Logits and the Grad-CAM of the predicted (or labelled, or ``target_class``) class."""
         feats = self.features(x)
         cams = self.class_maps(feats).float()
         logits = cams.mean(dim=(2, 3))
-        target = self._target(logits, labels)
+        target = self._target(logits, labels) if target_class is None else torch.full_like(
+            logits[:, 0], int(target_class), dtype=torch.long)
         cam = self.gradcam(feats, target)
         raw = upsample_to(cam, tuple(x.shape[-2:]))
         return WSOLOutput(logits=logits, weight_map=normalize_map(raw),

@@ -246,6 +246,7 @@ class MinMaxEntropy(WSOLMethod):
 
     name = "minmax_entropy"
     normalizes_per_image = True
+    supports_target_class = True
 
     def __init__(
         self,
@@ -273,9 +274,15 @@ class MinMaxEntropy(WSOLMethod):
             xn: ImageNet-normalised images.
         """
         scores, maps = self.loc_head(self.backbone(xn))
+        return scores, self._mixture(scores, maps, tuple(xn.shape[-2:]))
+
+    @staticmethod
+    def _mixture(scores: Tensor, maps: Tensor, size: tuple[int, int], target_class: int | None = None) -> Tensor:
+        """``sum_c softmax(scores)_c * map_c`` (or ``map_target``), upsampled to ``size``."""
+        if target_class is not None:
+            return upsample_to(maps[:, int(target_class) : int(target_class) + 1], size)
         probs = torch.softmax(scores, dim=1)
-        m = (probs[:, :, None, None] * maps).sum(dim=1, keepdim=True)
-        return scores, upsample_to(m, tuple(xn.shape[-2:]))
+        return upsample_to((probs[:, :, None, None] * maps).sum(dim=1, keepdim=True), size)
 
     def localize(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """Localizer scores ``[B, C]`` and the per-image min-max normalised map ``[B, 1, H, W]`` in [0, 1].
@@ -321,18 +328,26 @@ class MinMaxEntropy(WSOLMethod):
         return ErasingResult(m_acc, torch.stack(losses).mean(), torch.stack(trusts))
 
     # -- WSOLMethod -----------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> WSOLOutput:
+    def forward(self, x: Tensor, labels: Tensor | None = None, target_class: int | None = None) -> WSOLOutput:
         """Prediction on X+ and the localizer's pseudo-binary mask (no erasing at inference).
 
         Args:
             x: RGB images in [0, 1], ``[B, 3, H, W]``.
             labels: unused (accepted for a uniform call signature).
+            target_class: when given, the weight map (and ``raw_map``) is the localizer's map of this
+                class instead of the probability mixture; the logits are the usual ones.
         """
         xn = self.norm(x)
-        loc_scores, raw = self.localize_raw(xn)
+        size = tuple(xn.shape[-2:])
+        loc_scores, maps = self.loc_head(self.backbone(xn))
+        raw = self._mixture(loc_scores, maps, size)
         norm = normalize_map(raw)
         mask = self.pseudo_binary(norm)
         logits = self.classify(xn * mask) if self.params.fg_loss else loc_scores
+        if target_class is not None:
+            raw = self._mixture(loc_scores, maps, size, target_class)
+            norm = normalize_map(raw)
+            mask = self.pseudo_binary(norm)
         return WSOLOutput(logits=logits, weight_map=mask,
                           extras={"loc_logits": loc_scores, "raw_map": raw, "norm_map": norm})
 
