@@ -170,6 +170,9 @@ def infer(
         None, "--config", "-c", help="Optional pipeline YAML: its slides/export settings, and a run directory and "
         "MLflow run for the outputs (default model: that pipeline's latest run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides even when their outputs are current."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="Run the cohort on Dask, one task per slide: local:N (N worker processes here) or "
+        "tcp://HOST:PORT (a running scheduler). Same as slides.cluster; see docs/scaling.md."),
     export: bool = typer.Option(True, "--export/--no-export", help="Also export (TIFF, GeoJSON, PNG, ...)."),
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
@@ -187,6 +190,14 @@ def infer(
         typed["out_dir"] = out
     if overwrite:
         typed["overwrite"] = True
+    if cluster is not None:
+        from medwsol.config import parse_cluster
+
+        try:
+            parse_cluster(cluster)
+        except ValueError as err:
+            raise _usage(f"--cluster: {err}; fix: pass e.g. --cluster local:2 or --cluster tcp://127.0.0.1:8786")
+        typed["cluster"] = cluster
     stages = ["infer", "export"] if export else ["infer"]
     if config is not None:
         cfg = load_config(config, overrides=overrides, stages=[])
@@ -211,6 +222,13 @@ def infer(
     _infer_direct(cfg, model, uri, cfg.slides.model_copy(update=typed), explicit, classes, export)
 
 
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def _usage(msg: str):
     from medwsol.errors import ConfigError
 
@@ -231,7 +249,10 @@ def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[
     pkg = resolve_package(model, tracking_uri)
     served, settings = serving_setup(pkg, slides_cfg, explicit=explicit, classes=classes)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not slides_cfg.cluster:  # a cluster run makes it only once the cluster and its workers are ready
+            out.mkdir(parents=True, exist_ok=True)
+        elif not out.exists() and not os.access(_existing_parent(out), os.W_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as err:
         raise DataError(f"--out {out}: cannot create the folder ({err.strerror}); fix: choose a writable folder") from None
     device = select_device(cfg.train.device)
