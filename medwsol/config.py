@@ -220,7 +220,10 @@ class TrainConfig(Section):
     stop_after: int | None = Field(
         None, ge=1, description="stop this invocation after N epochs (time-boxed jobs); continue with --resume"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores; with --nproc N: "
+                                "cores // N per process)")
+    sync_batchnorm: bool = Field(True, description="with several processes (--nproc), batch norm over the global "
+                                 "batch (keeps N processes equal to one); false: each rank's own share")
 
 
 class EvaluateConfig(Section):

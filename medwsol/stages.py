@@ -111,7 +111,9 @@ def stage_train(ctx) -> None:
     from medwsol.engine.train import train
     from medwsol.export.overlay import plot_training_curves
 
-    summary = train(ctx.cfg, ctx.run_dir, tracker=ctx.tracker, resume=ctx.resume)
+    from medwsol.engine.distributed import current
+
+    summary = train(ctx.cfg, ctx.run_dir, tracker=ctx.tracker, resume=ctx.resume, dist=current())
     ctx.results["train"] = summary
     log = ctx.run_dir / "train_log.csv"
     if log.is_file():
