@@ -70,7 +70,8 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MedwsolError as err:
-            _fail(str(err).replace("\n", " "))
+            rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
+            _fail(("" if rank in (None, "0") else f"rank {rank}: ") + str(err).replace("\n", " "))
         except KeyboardInterrupt:
             _fail("interrupted; outputs written so far are complete, partial ones were discarded", code=130)
 
@@ -127,9 +128,50 @@ def train(
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from <run-dir>/checkpoints/last.pt."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="Data-parallel training in N processes on this machine (DDP: gloo on CPU, "
+        "nccl with one GPU each); data.batch_size is the global batch. Several machines: run this command under "
+        "torchrun instead (docs/scaling.md)."),
 ) -> None:
     """Train the configured method (stage 'train')."""
+    world = os.environ.get("WORLD_SIZE") if "RANK" in os.environ else None
+    if world is not None:  # one rank of a group torchrun (or --nproc) started
+        if nproc is not None and nproc != int(world):
+            raise _usage(f"--nproc {nproc}: this process is one of {world} that torchrun started; fix: drop --nproc "
+                         "under torchrun (its --nproc-per-node and --nnodes decide)")
+        from medwsol.pipeline import run_distributed_train
+
+        run_distributed_train(_load(config, overrides, stages=["train"]), config_path=config, run_dir=run_dir,
+                              resume=resume)
+        return
+    if nproc is not None and nproc > 1:
+        _launch_train(config, overrides, run_dir, resume, nproc)
+        return
     _stage("train", config, overrides, run_dir, resume=resume)
+
+
+def _launch_train(config: Path, overrides, run_dir, resume: bool, nproc: int) -> None:
+    """Check what can be checked here, then start ``nproc`` ranks with torch's elastic agent."""
+    cfg = _load(config, overrides, stages=["train"])
+    from medwsol.engine.distributed import launch, max_procs
+
+    limit, what = max_procs(cfg.train.device)
+    if nproc > limit:
+        raise _usage(f"--nproc {nproc}: this machine has {limit} {what}; fix: --nproc {limit} or fewer "
+                     "(more processes: several machines under torchrun --nnodes, see docs/scaling.md)")
+    if cfg.data.batch_size % nproc:
+        raise _usage(f"--nproc {nproc}: data.batch_size {cfg.data.batch_size} (the global batch) is not divisible by "
+                     f"{nproc}; fix: --set data.batch_size={cfg.data.batch_size // nproc * nproc or nproc} or another "
+                     "--nproc")
+    argv = ["train", str(config), *[a for o in (overrides or []) for a in ("--set", o)]]
+    if run_dir is not None:
+        argv += ["--run-dir", str(run_dir)]
+    if resume:
+        argv.append("--resume")
+    threads = cfg.train.threads or max(1, max_procs("cpu")[0] // nproc)
+    code = launch(argv, nproc, threads=threads)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -170,6 +212,9 @@ def infer(
         None, "--config", "-c", help="Optional pipeline YAML: its slides/export settings, and a run directory and "
         "MLflow run for the outputs (default model: that pipeline's latest run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides even when their outputs are current."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="Run the cohort on Dask, one task per slide: local:N (N worker processes here) or "
+        "tcp://HOST:PORT (a running scheduler). Same as slides.cluster; see docs/scaling.md."),
     export: bool = typer.Option(True, "--export/--no-export", help="Also export (TIFF, GeoJSON, PNG, ...)."),
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
@@ -187,6 +232,14 @@ def infer(
         typed["out_dir"] = out
     if overwrite:
         typed["overwrite"] = True
+    if cluster is not None:
+        from medwsol.config import parse_cluster
+
+        try:
+            parse_cluster(cluster)
+        except ValueError as err:
+            raise _usage(f"--cluster: {err}; fix: pass e.g. --cluster local:2 or --cluster tcp://127.0.0.1:8786")
+        typed["cluster"] = cluster
     stages = ["infer", "export"] if export else ["infer"]
     if config is not None:
         cfg = load_config(config, overrides=overrides, stages=[])
@@ -211,6 +264,13 @@ def infer(
     _infer_direct(cfg, model, uri, cfg.slides.model_copy(update=typed), explicit, classes, export)
 
 
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def _usage(msg: str):
     from medwsol.errors import ConfigError
 
@@ -231,7 +291,10 @@ def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[
     pkg = resolve_package(model, tracking_uri)
     served, settings = serving_setup(pkg, slides_cfg, explicit=explicit, classes=classes)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not slides_cfg.cluster:  # a cluster run makes it only once the cluster and its workers are ready
+            out.mkdir(parents=True, exist_ok=True)
+        elif not out.exists() and not os.access(_existing_parent(out), os.W_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as err:
         raise DataError(f"--out {out}: cannot create the folder ({err.strerror}); fix: choose a writable folder") from None
     device = select_device(cfg.train.device)

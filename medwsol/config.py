@@ -36,10 +36,36 @@ __all__ = [
     "apply_overrides",
     "check_files",
     "flatten",
+    "parse_cluster",
 ]
 
 STAGES = ("prepare", "train", "evaluate", "infer", "export")
 Stage = Literal["prepare", "train", "evaluate", "infer", "export"]
+
+
+def parse_cluster(spec: str) -> tuple[str, str | int]:
+    """``local:N`` -> ``("local", N)``; ``tcp://HOST:PORT`` (or ``tls://``) -> ``("remote", spec)``.
+
+    Raises:
+        ValueError: any other form (the message lists the accepted ones).
+
+    Example:
+        >>> parse_cluster("local:2"), parse_cluster("tcp://scheduler:8786")
+        (('local', 2), ('remote', 'tcp://scheduler:8786'))
+    """
+    import re
+
+    s = str(spec).strip()
+    m = re.fullmatch(r"local:(\d+)", s)
+    if m:
+        n = int(m.group(1))
+        if n < 1:
+            raise ValueError(f"{s!r}: local:N needs N >= 1 worker processes")
+        return "local", n
+    if re.fullmatch(r"(tcp|tls)://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", s):
+        return "remote", s
+    raise ValueError(f"{s!r} is not a cluster: use local:N (N worker processes on this machine) or "
+                     "tcp://HOST:PORT (a running Dask scheduler)")
 
 
 class Section(BaseModel):
@@ -194,7 +220,10 @@ class TrainConfig(Section):
     stop_after: int | None = Field(
         None, ge=1, description="stop this invocation after N epochs (time-boxed jobs); continue with --resume"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores; with --nproc N: "
+                                "cores // N per process)")
+    sync_batchnorm: bool = Field(True, description="with several processes (--nproc), batch norm over the global "
+                                 "batch (keeps N processes equal to one); false: each rank's own share")
 
 
 class EvaluateConfig(Section):
@@ -242,6 +271,20 @@ class SlidesConfig(Section):
         "not switch class between neighbouring tiles; CAM, Grad-CAM, min-max entropy)")
     out_dir: Path | None = Field(None, description="default: <run dir>/slides")
     overwrite: bool = False
+    cluster: str | None = Field(
+        None, description="run the cohort on Dask, one task per slide: local:N (N worker processes here) or "
+        "tcp://HOST:PORT (a running scheduler; see docs/scaling.md); default: one process, slide after slide")
+    worker_threads: int | None = Field(
+        None, ge=1, description="torch threads per Dask worker (default: local:N -> cores // N; a remote worker -> "
+        "its cores // its dask threads)")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_spec(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parse_cluster(v)  # raises ValueError with the accepted forms
+        return v.strip()
 
     @model_validator(mode="after")
     def _overlap_lt_tile(self):

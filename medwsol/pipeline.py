@@ -19,7 +19,7 @@ from medwsol.config import STAGES, PipelineConfig, flatten
 from medwsol.errors import ConfigError
 from medwsol.io import write_text
 
-__all__ = ["RunContext", "run_pipeline", "resolve_run_dir", "latest_run_dir", "STAGE_FUNCS"]
+__all__ = ["RunContext", "run_pipeline", "run_distributed_train", "resolve_run_dir", "latest_run_dir", "STAGE_FUNCS"]
 
 
 @dataclass
@@ -177,3 +177,31 @@ def _print_where(ctx: RunContext, console) -> None:
             lines.append(f"  {'MLflow':15s} {uri}")
     if lines:
         console.print("[bold]outputs[/]\n" + "\n".join(lines))
+
+
+def run_distributed_train(cfg: PipelineConfig, config_path: Path | None = None, run_dir: Path | None = None,
+                          resume: bool = False) -> RunContext | None:
+    """The train stage as one rank of a data-parallel group (``medwsol train --nproc N``, or under torchrun).
+
+    Rank 0 runs the ordinary pipeline (run directory, MLflow run, training, package, registration); the
+    other ranks only train, in the run directory rank 0 shares with them. When rank 0 fails before
+    training starts (a tracking server that refuses, a run directory it may not use), the others stop
+    quietly with the same exit code and rank 0's one line is the only message.
+    """
+    from medwsol.engine import distributed as d
+
+    dist = d.init(cfg.train.device)
+    try:
+        if dist.is_main:
+            try:
+                return run_pipeline(cfg, config_path=config_path, run_dir=run_dir, stages=["train"], resume=resume)
+            except BaseException:
+                if not dist.started and dist.world > 1:
+                    dist.broadcast(None)  # the others wait for the run directory: tell them to stop
+                raise
+        from medwsol.engine.train import train
+
+        train(cfg, None, tracker=None, resume=resume, dist=dist)
+        return None
+    finally:
+        d.shutdown()

@@ -38,6 +38,8 @@ __all__ = [
     "serving_setup",
     "collect_slides",
     "infer_from_package",
+    "infer_on_cluster",
+    "copy_package",
     "export_slides",
     "score_slide",
     "model_card",
@@ -109,7 +111,9 @@ def stage_train(ctx) -> None:
     from medwsol.engine.train import train
     from medwsol.export.overlay import plot_training_curves
 
-    summary = train(ctx.cfg, ctx.run_dir, tracker=ctx.tracker, resume=ctx.resume)
+    from medwsol.engine.distributed import current
+
+    summary = train(ctx.cfg, ctx.run_dir, tracker=ctx.tracker, resume=ctx.resume, dist=current())
     ctx.results["train"] = summary
     log = ctx.run_dir / "train_log.csv"
     if log.is_file():
@@ -140,7 +144,8 @@ def resolve_package(ref: str, tracking_uri: str | None, work: Path | None = None
     """Load the package ``ref`` names: ``models:/name@alias``, ``models:/name/N``, ``runs:/id/model``, or a folder.
 
     Registry packages are downloaded (artifacts only: nothing is unpickled or executed) into a
-    temporary folder under ``work`` that is removed once the network is built.
+    temporary folder under ``work``, removed when the returned package is released (or at exit), so
+    ``pkg.path`` stays readable while it is in use (a Dask cohort copies it for its workers).
 
     Returns:
         A :class:`medwsol.package.Package`.
@@ -153,11 +158,16 @@ def resolve_package(ref: str, tracking_uri: str | None, work: Path | None = None
         if not tracking_uri:
             raise ConfigError(f"--model {ref}: no tracking URI to resolve it; fix: pass --tracking-uri "
                               "(e.g. sqlite:///path/to/mlflow.db) or set MLFLOW_TRACKING_URI")
+        import weakref
+
         tmp = _download_dir(work)
         try:
-            return load_package(download_package(ref, tracking_uri, tmp), source=ref)
-        finally:
+            pkg = load_package(download_package(ref, tracking_uri, tmp), source=ref)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(pkg, shutil.rmtree, tmp, True)
+        return pkg
     p = Path(ref)
     if p.is_dir() and not is_package_dir(p) and is_package_dir(p / PACKAGE_DIR):
         p = p / PACKAGE_DIR  # a run directory
@@ -445,11 +455,82 @@ def infer_from_package(pkg, slides: list[Path], settings, out_dir: Path, device,
     console = console or _console()
     if served is None:
         served, settings = serving_setup(pkg, settings)
+    if settings.cluster:
+        return infer_on_cluster(pkg, slides, settings, out_dir, device, tracker=tracker, amp=amp, served=served,
+                                console=console)
     score = ("weight map x P(" + served.positive_class + ")") if served.score_mode == "weight_x_prob" else "weight map"
     console.print(f"{len(slides)} slide(s); model {pkg.source} ({pkg.digest[:19]}); score: {score}; "
                   f"tau {served.tau:.3f} from {served.tau_source}; tiles {settings.tile_size} px at "
                   f"{settings.target_mpp} um/px; output {out_dir}")
     df = infer_cohort(served, slides, settings, out_dir, device, tracker=tracker, amp=amp)
+    for _, r in df[df.status == "failed"].iterrows():
+        console.print(f"[red]failed:[/] {r['error']}")
+    console.print(df.drop(columns=["outputs"], errors="ignore").to_string(index=False))
+    return df
+
+
+def copy_package(pkg, dst: Path) -> Path:
+    """``pkg``'s folder copied to ``dst`` (atomically; kept when ``dst`` already holds the same digest)."""
+    from medwsol.io import atomic_dir
+    from medwsol.package import PACKAGE_FILE, read_package_meta
+
+    dst = Path(dst)
+    if (dst / PACKAGE_FILE).is_file():
+        try:
+            if read_package_meta(dst)["digest"] == pkg.digest:
+                return dst
+        except Exception:  # noqa: BLE001 - anything else there is replaced
+            pass
+    with atomic_dir(dst) as tmp:
+        for f in sorted(Path(pkg.path).iterdir()):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return dst
+
+
+def infer_on_cluster(pkg, slides: list[Path], settings, out_dir: Path, device, tracker=None, amp: str = "auto",
+                     served=None, console: Console | None = None, handle=None) -> pd.DataFrame:
+    """The cohort on Dask (``settings.cluster``): one task per slide, the driver writes records and slides.csv.
+
+    Order, so that a bad cluster leaves nothing behind: connect (an unreachable scheduler fails here),
+    copy the package into ``<out>/package/`` for the workers, check that every worker loads it (else the
+    copy - and an output folder this call made - is removed), then run.
+    """
+    from medwsol.engine.cohort import check_workers, connect, run_cohort, serve_kwargs
+    from medwsol.engine.infer import log_cohort, output_names
+
+    console = console or _console()
+    if served is None:
+        served, settings = serving_setup(pkg, settings)
+    own = handle is None
+    if own:
+        handle = connect(settings.cluster, settings.worker_threads, setting="slides.cluster (--cluster)")
+    try:
+        out_dir = Path(out_dir)
+        made_out = not out_dir.exists()
+        pkg_dir = out_dir / PACKAGE_DIR
+        had_pkg = pkg_dir.exists()
+        copy_package(pkg, pkg_dir)
+        try:
+            check_workers(handle, pkg_dir.resolve(), pkg.digest, serve_kwargs(served))
+        except BaseException:
+            if not had_pkg:
+                shutil.rmtree(pkg_dir, ignore_errors=True)
+            if made_out and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            raise
+        console.print(f"{len(slides)} slide(s) on {handle.describe()}; model {pkg.source} ({pkg.digest[:19]}); "
+                      f"{served.score_mode} score of {served.positive_class!r}; tau {served.tau:.3f} from "
+                      f"{served.tau_source}; tiles {settings.tile_size} px at {settings.target_mpp} um/px; "
+                      f"output {out_dir}")
+        names = output_names(slides, out_dir)
+        df = run_cohort(handle, pkg_dir.resolve(), served, [Path(s).resolve() for s in slides], names, settings,
+                        out_dir.resolve(), str(device), amp, console=console)
+    finally:
+        if own:
+            handle.close()
+    if tracker is not None:
+        log_cohort(tracker, df, out_dir / "slides.csv")
     for _, r in df[df.status == "failed"].iterrows():
         console.print(f"[red]failed:[/] {r['error']}")
     console.print(df.drop(columns=["outputs"], errors="ignore").to_string(index=False))

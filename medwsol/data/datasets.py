@@ -174,6 +174,7 @@ def make_loader(
     seed: int,
     drop_last: bool = False,
     collate_fn: Callable | None = None,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
     """A seeded MONAI ``DataLoader`` (a torch ``DataLoader`` subclass).
 
@@ -193,6 +194,8 @@ def make_loader(
         seed: seed of shuffling and augmentation.
         drop_last: drop the last incomplete batch.
         collate_fn: default :func:`collate_batch`.
+        sampler: the order of the samples (then ``shuffle`` must be false), e.g. a
+            :class:`medwsol.engine.distributed.ShardSampler`.
 
     Returns:
         Batches as dicts: ``image [B, 3, H, W]``, ``label [B]``, ``mask
@@ -208,6 +211,7 @@ def make_loader(
         dataset,
         batch_size=int(batch_size),
         shuffle=bool(shuffle),
+        sampler=sampler,
         num_workers=int(num_workers),
         generator=generator,
         drop_last=bool(drop_last),

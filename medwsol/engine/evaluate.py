@@ -164,19 +164,47 @@ def _predict_group(model, batch: dict, device, dtype, channels_last: bool, serve
 def score_split(model, loader, device, dtype=None, channels_last=False, n_bins: int = 1000) -> dict[str, float]:
     """Quick scores of a split for model selection: error, loss, and (when masks exist) PxAP, the
     best-mIoU threshold ``tau``, mIoU and the dataset-level foreground Dice at ``tau``."""
+    return scores_from_state(split_state(model, loader, device, dtype, channels_last, n_bins))
+
+
+def split_state(model, loader, device, dtype=None, channels_last=False, n_bins: int = 1000) -> dict[str, Any]:
+    """The counts behind :func:`score_split`: images, errors, summed loss, the PxAP histograms (``PixelPR``).
+
+    States of disjoint parts of a split merge exactly (:func:`merge_split_states`): data-parallel
+    training scores each rank's share and merges them.
+    """
     from medwsol.metrics import PixelPR
 
     pr = PixelPR(n_bins=n_bins)
-    n, wrong, loss, has_mask = 0, 0, 0.0, False
+    n, wrong, losses, has_mask = 0, 0, [], False
     for r in predict(model, loader, device, dtype, channels_last):
         n += 1
         wrong += int(np.argmax(r["probs"]) != r["label"])
-        loss += float(-np.log(max(r["probs"][r["label"]], 1e-12)))
+        losses.append(float(-np.log(max(r["probs"][r["label"]], 1e-12))))
         if r["mask"] is not None:
             has_mask = True
             pr.update(r["map"], r["mask"])
+    return {"n": n, "wrong": wrong, "losses": losses, "has_mask": has_mask, "pr": pr}
+
+
+def merge_split_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state from the states of disjoint parts (histograms and counts added)."""
+    from medwsol.metrics import PixelPR
+
+    pr = PixelPR(n_bins=states[0]["pr"].n_bins)
+    for st in states:
+        pr.merge(st["pr"])
+    return {"n": sum(st["n"] for st in states), "wrong": sum(st["wrong"] for st in states),
+            "losses": [v for st in states for v in st["losses"]], "has_mask": any(st["has_mask"] for st in states),
+            "pr": pr}
+
+
+def scores_from_state(state: dict[str, Any]) -> dict[str, float]:
+    """:func:`score_split`'s numbers from a (merged) :func:`split_state`."""
+    pr, n, wrong = state["pr"], state["n"], state["wrong"]
+    loss = float(np.sum(np.sort(np.asarray(state["losses"], np.float64)))) if state["losses"] else 0.0
     out = {"error": 100.0 * wrong / max(n, 1), "loss": loss / max(n, 1), "n": n}
-    if has_mask:
+    if state["has_mask"]:
         tau, miou = pr.best_threshold("miou")
         out.update({"pxap": 100.0 * pr.pxap(), "miou": 100.0 * miou, "tau": tau,
                     "dice": 100.0 * float(pr.dice_at(tau)[0])})

@@ -93,6 +93,10 @@ __all__ = [
     "importance_map",
     "infer_slide",
     "infer_cohort",
+    "finished_row",
+    "failed_row",
+    "log_cohort",
+    "RESERVED_NAMES",
     "load_heatmap",
     "output_names",
     "slide_key",
@@ -461,13 +465,14 @@ def slide_key(served, slide_path: Path, cfg) -> dict[str, Any]:
     st = slide_path.stat()
     settings = {k: getattr(cfg, k, None) for k in OUTPUT_SETTINGS}
     settings["overlap"] = effective_overlap(cfg)
-    return {
+    key = {
         "model": {"digest": getattr(served, "digest", None), "score": served.score_mode,
                   "positive_class": served.positive_class, "tau": served.tau, "map_range": served.map_range,
                   "classes": list(served.classes)},
         "slide": {"path": str(slide_path.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)},
-        "settings": json.loads(json.dumps(settings, default=str)),
+        "settings": settings,
     }
+    return json.loads(json.dumps(key, default=str))  # as meta.json holds it (a map range tuple reads back a list)
 
 
 def output_names(slides: Sequence[str | Path], out_root: str | Path | None = None) -> list[str]:
@@ -491,6 +496,8 @@ def output_names(slides: Sequence[str | Path], out_root: str | Path | None = Non
     resolved = [str(Path(s).resolve()) for s in slides]
     stems = [Path(s).stem for s in slides]
     taken = Counter(stems)
+    for reserved in RESERVED_NAMES:  # <out>/records and <out>/package belong to the cohort, never to a slide
+        taken[reserved] += 2
     for path, name in known.items():
         if path not in resolved:
             taken[name] += 1  # a recorded slide of another cohort owns this folder name
@@ -503,6 +510,32 @@ def output_names(slides: Sequence[str | Path], out_root: str | Path | None = Non
         else:
             out.append(st)
     return out
+
+
+def finished_row(served, slide_path: str | Path, cfg_slides, out_dir: str | Path, name: str | None = None,
+                 key: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``skipped`` row of a slide whose outputs are current (same :func:`slide_key`), else None.
+
+    Always None with ``cfg_slides.overwrite`` or when the slide file is missing (the run reports that).
+    """
+    slide_path = Path(slide_path)
+    out = Path(out_dir) / (name or slide_path.stem)
+    if cfg_slides.overwrite or not (out / "meta.json").is_file() or not slide_path.is_file():
+        return None
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != (key if key is not None else slide_key(served, slide_path, cfg_slides)):
+        return None
+    s = meta.get("summary", {})
+    return _row(slide_path, "skipped", out, tiles=s.get("tiles", 0), seconds=0.0, name=out.name,
+                max_score=s.get("max_score", float("nan")), mean_score=s.get("mean_score", float("nan")))
+
+
+def failed_row(slide_path: str | Path, err: BaseException, name: str | None = None) -> dict[str, Any]:
+    """The ``failed`` slides.csv row of a slide, with its one-line error (:func:`slide_error_line`)."""
+    return _row(Path(slide_path), "failed", error=slide_error_line(Path(slide_path), err), name=name or "")
 
 
 def infer_slide(
@@ -547,15 +580,9 @@ def infer_slide(
         raise SlideError(f"{slide_path}: slide file not found; fix: check the path" if not slide_path.exists()
                          else f"{slide_path}: is a folder, not a slide file; fix: give the slide file itself")
     key = slide_key(served, slide_path, cfg)
-    if (out / "meta.json").is_file() and not cfg.overwrite:
-        try:
-            meta = json.loads((out / "meta.json").read_text())
-        except (OSError, ValueError):
-            meta = {}
-        if meta.get("key") == key:
-            s = meta.get("summary", {})
-            return _row(slide_path, "skipped", out, tiles=s.get("tiles", 0), seconds=0.0, name=name,
-                        max_score=s.get("max_score", float("nan")), mean_score=s.get("mean_score", float("nan")))
+    done = finished_row(served, slide_path, cfg, out_dir, name, key=key)
+    if done is not None:
+        return done
     dev = _as_device(device)
     overlap = effective_overlap(cfg)
 
@@ -681,6 +708,8 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
 
 
 RECORDS_DIR = "records"
+#: Folder names in a cohort's output folder that are not slides (a slide with such a stem gets a hashed name).
+RESERVED_NAMES = (RECORDS_DIR, "package")
 
 
 def _write_record(out_root: Path, row: dict[str, Any]) -> None:
@@ -760,12 +789,19 @@ def infer_cohort(
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # noqa: BLE001 - one slide must not stop the cohort
-            row = _row(s, "failed", error=slide_error_line(s, err), name=name)
+            row = failed_row(s, err, name=name)
             warnings.warn(f"slide failed: {row['error']}", stacklevel=2)
         rows.append(row)
         _write_record(out_root, row)
         write_summary(rows, csv)
     df = write_summary(rows, csv)
+    if tracker is not None:
+        log_cohort(tracker, df, csv)
+    return df
+
+
+def log_cohort(tracker, df: pd.DataFrame, csv: str | Path) -> None:
+    """Cohort metrics (slides ok/failed/empty/skipped, tiles, tiles/s) and ``slides.csv`` to a tracker."""
     if tracker is not None:
         done = df[df.status.isin(["ok", "empty"])]
         tracker.log_metrics({
@@ -775,7 +811,6 @@ def infer_cohort(
             "slide_tiles_per_s": float(done.tiles.sum() / done.seconds.sum()) if done.seconds.sum() > 0 else 0.0,
         })
         tracker.log_artifact(csv)
-    return df
 
 
 def slide_error_line(slide: Path, err: BaseException) -> str:

@@ -4,9 +4,14 @@
 * AMP on CUDA (bf16, or fp16 with a GradScaler), bf16 autocast on CPU opt-in, channels_last;
 * gradient clipping; a NaN/inf loss stops training with a clear message (the last
   good checkpoint is kept);
-* seeded and deterministic on CPU: the shuffling, the augmentation and the torch RNG are
-  re-seeded from ``(seed, epoch)`` at each epoch, so ``--resume`` reaches exactly the
-  metrics of an uninterrupted run;
+* seeded and deterministic on CPU: the shuffling and the torch RNG are re-seeded from
+  ``(seed, epoch)`` at each epoch and each sample's augmentation from ``(seed, epoch, index)``,
+  so ``--resume`` reaches exactly the metrics of an uninterrupted run, and the number of
+  processes does not change what is learned;
+* data-parallel on ``N`` processes (``medwsol train --nproc N`` or torchrun; see
+  :mod:`medwsol.engine.distributed`): ``data.batch_size`` is the global batch, split over the ranks;
+  batch norm synchronised; validation split over the ranks and merged; stops agreed; rank 0 alone
+  writes the run directory and talks to the tracker;
 * ``checkpoints/last.pt`` written atomically every epoch, ``best.pt`` on improvement of
   ``train.select_metric`` (among the epochs whose ``val_error`` is at most
   ``train.select_max_val_error``, when set: see :func:`selection_key`); early stopping after
@@ -18,6 +23,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -101,12 +107,15 @@ def _write_log(path: Path, history: list[dict]) -> None:
     write_text(path, pd.DataFrame(history).to_csv(index=False))
 
 
-def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, Any]:
+def train(cfg, run_dir: Path | None, tracker=None, resume: bool = False, dist=None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data.manifest`` into ``run_dir``.
 
     Writes ``run_dir/checkpoints/{last,best}.pt`` and ``run_dir/train_log.csv``; per-epoch metrics go to
     ``tracker`` (any :class:`medwsol.tracking.Tracker`, or None). Packaging, registration and the
     training curves are the pipeline's business.
+
+    With ``dist`` (a :class:`medwsol.engine.distributed.Dist`), every rank calls this; rank 0 passes the
+    run directory, which the other ranks receive (they pass None), and rank 0 alone writes files and logs.
 
     Returns:
         A summary (best epoch and metric, whether the classification guard was met, checkpoint paths).
@@ -117,15 +126,29 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
     from medwsol.engine.evaluate import make_eval_loader, score_split
     from medwsol.methods.base import build_method
 
-    log_metrics = tracker.log_metrics if tracker is not None else (lambda *_a, **_k: None)
+    from medwsol.engine.distributed import LossForward, SampleSeeded, ShardSampler, sync_batchnorm
+
+    me, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    main = me == 0
+    if dist is not None:
+        run_dir = dist.broadcast(str(run_dir) if main else None)  # rank 0 made it; the others learn where
+        dist.started = True
+        if run_dir is None:
+            raise _agreed()  # rank 0 failed before training (it says why)
+    log_metrics = tracker.log_metrics if (tracker is not None and main) else (lambda *_a, **_k: None)
     run_dir = Path(run_dir)
     tc, dc = cfg.train, cfg.data
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not main)
+    if dist is not None and not tc.threads:
+        set_threads(max(1, _cores() // max(1, dist.local_world)))
     set_threads(tc.threads)
     seed_everything(cfg.seed, tc.deterministic)
-    device = select_device(tc.device)
+    device = dist.device if dist is not None else select_device(tc.device)
     dtype = amp_dtype(device, tc.amp)
     classes = list(dc.classes)
+    if dc.batch_size % world:
+        raise DataError(f"data.batch_size {dc.batch_size} (the global batch) is not divisible by the {world} "
+                        f"processes; fix: set data.batch_size to a multiple of {world}")
 
     df = load_manifest(dc.manifest, classes)
     train_recs = _records(df, "train")
@@ -141,10 +164,14 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
         raise DataError(f"{dc.manifest}: train.select_metric={tc.select_metric} needs 'valid' rows; "
                         "fix: add a valid split or use select_metric=last")
 
+    if len(train_recs) < world:
+        raise DataError(f"{dc.manifest}: {len(train_recs)} training images for {world} processes; fix: use fewer "
+                        "processes (--nproc)")
     train_tf = train_transforms(dc)
-    train_ds = make_dataset(train_recs, train_tf, dc)
-    val_loader = make_eval_loader(val_recs, cfg) if val_recs else None
-    valpx_loader = make_eval_loader(valpx_recs, cfg) if valpx_recs else None
+    train_ds = SampleSeeded(make_dataset(train_recs, train_tf, dc))
+    # validation images are split over the ranks (each caches only its share) and the counts merged
+    val_loader = make_eval_loader(val_recs[me::world], cfg) if val_recs else None
+    valpx_loader = make_eval_loader(valpx_recs[me::world], cfg) if valpx_recs else None
 
     if cfg.model.pretrained is None:
         console.print("[yellow]warning:[/] model.pretrained is not set: the backbone starts from random weights "
@@ -152,8 +179,16 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
     model = build_method(cfg.model.method, num_classes=len(classes), backbone=cfg.model.backbone,
                          pretrained=cfg.model.pretrained, output_stride=cfg.model.output_stride,
                          params=cfg.model.params).to(device)
+    if dist is not None and world > 1 and tc.sync_batchnorm:
+        model = sync_batchnorm(model, device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    step_module: torch.nn.Module = LossForward(model)
+    if dist is not None and world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=_may_leave_parameters_unused(model))
     opt = build_optimizer(model, tc)
     sched = build_scheduler(opt, tc)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
@@ -213,17 +248,19 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
                TimeElapsedColumn(), TimeRemainingColumn()]
     t_start = time.perf_counter()
     stopped_early = False
-    with Progress(*columns, console=console, transient=False) as progress:
+    local_batch = dc.batch_size // world
+    stop_reason = None
+    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
         for epoch in range(start_epoch, tc.epochs):
             # everything random in an epoch derives from (seed, epoch): resume == uninterrupted
             ep_seed = cfg.seed * 1000 + epoch
             torch.manual_seed(ep_seed)
             np.random.seed(ep_seed % 2**32)
-            if hasattr(train_tf, "set_random_state"):
-                train_tf.set_random_state(seed=ep_seed % 2**32)
-            loader = make_loader(train_ds, batch_size=dc.batch_size, shuffle=True, num_workers=dc.num_workers,
-                                 seed=ep_seed, drop_last=n_train > dc.batch_size)
-            model.train()
+            train_ds.set_seed(ep_seed)
+            sampler = ShardSampler(n_train, ep_seed, me, world, dc.batch_size, drop_last=n_train > dc.batch_size)
+            loader = make_loader(train_ds, batch_size=local_batch, shuffle=False, num_workers=dc.num_workers,
+                                 seed=ep_seed, sampler=sampler)
+            step_module.train()
             task = progress.add_task("train", total=len(loader), epoch=f"{epoch + 1}/{tc.epochs}", loss=float("nan"),
                                      ips=0.0)
             sums: dict[str, float] = {}
@@ -231,9 +268,14 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
             for batch in loader:
                 b = to_device(batch, device, tc.channels_last)
                 with autocast(device, dtype):
-                    losses = model.loss(b)
+                    losses = step_module(b)
                 total = losses["total"].float()
-                if not torch.isfinite(total):
+                finite = bool(torch.isfinite(total))
+                if dist is not None and world > 1:
+                    finite = not dist.any(not finite)  # a NaN on any rank stops every rank at the same step
+                if not finite:
+                    if not main:
+                        raise _agreed()
                     raise TrainingError(
                         f"loss became {total.item()} at epoch {epoch + 1}, batch {nb + 1} "
                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); the last good checkpoint "
@@ -250,10 +292,15 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float())
                 nb += 1
-                nimg += int(b["image"].shape[0])
+                nimg += int(b["image"].shape[0]) * world
                 progress.update(task, advance=1, loss=sums["total"] / nb, ips=nimg / (time.perf_counter() - t0))
             train_seconds = time.perf_counter() - t0
+            if dist is not None and world > 1:  # the logged losses: means over the ranks (= the global batch's)
+                keys = sorted(sums)
+                sums = dict(zip(keys, (v / world for v in dist.sum([sums[k] for k in keys]))))
             bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if dist is not None and world > 1 and dist.any(bool(bad)) and not main:
+                raise _agreed()
             if bad:
                 raise TrainingError(
                     f"weights became NaN/inf at epoch {epoch + 1} (first: {bad[0]}; the loss diverged); the last good "
@@ -266,10 +313,10 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
                                    "train_images_per_s": nimg / max(train_seconds, 1e-9)}
             row.update({f"train_{k}": v / max(nb, 1) for k, v in sums.items()})
             if val_loader is not None:
-                s = score_split(model, val_loader, device, dtype, tc.channels_last)
+                s = _scores(model, val_loader, device, dtype, tc.channels_last, dist)
                 row.update({"val_error": s["error"], "val_loss": s["loss"]})
             if valpx_loader is not None:
-                s = score_split(model, valpx_loader, device, dtype, tc.channels_last)
+                s = _scores(model, valpx_loader, device, dtype, tc.channels_last, dist)
                 row.update({"valpx_pxap": s["pxap"], "valpx_miou": s["miou"], "valpx_dice": s["dice"],
                             "valpx_tau": s["tau"]})
             value = row.get(key, row["epoch"])
@@ -281,18 +328,27 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
                 stale += 1
             row["best"] = int(improved)
             history.append(row)
-            if improved:
-                write_checkpoint(best_path, payload(epoch))
-            write_checkpoint(last_path, payload(epoch))
-            _write_log(run_dir / "train_log.csv", history)
+            if main:
+                if improved:
+                    write_checkpoint(best_path, payload(epoch))
+                write_checkpoint(last_path, payload(epoch))
+                _write_log(run_dir / "train_log.csv", history)
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("val", "train_total")))
             progress.console.print(f"epoch {epoch + 1}: {shown}{'  [green]best[/]' if improved else ''}")
+            stop_reason = None
             if tc.stop_after and epoch + 1 - start_epoch >= tc.stop_after and epoch + 1 < tc.epochs:
+                stop_reason = "stop_after"
+            elif tc.patience and stale >= tc.patience:
+                stop_reason = "patience"
+            if dist is not None and world > 1:
+                stop_reason = dist.broadcast(stop_reason)  # rank 0's decision, on every rank
+            if stop_reason == "stop_after":
                 progress.console.print(f"stopping after {tc.stop_after} epoch(s) (train.stop_after); "
                                        "continue with --resume")
+                _record_replicas(dist, model, run_dir, history)
                 return {"stopped_after": epoch + 1, "best_checkpoint": str(best_path)}
-            if tc.patience and stale >= tc.patience:
+            if stop_reason == "patience":
                 progress.console.print(f"early stopping: no improvement of {tc.select_metric} for {stale} epochs")
                 stopped_early = True
                 break
@@ -309,6 +365,61 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
         console.print(f"[yellow]warning:[/] no epoch reached val_error <= {guard} (train.select_max_val_error); "
                       f"kept the epoch with the lowest val_error ({best_epoch})")
     summary["guard_met"] = bool(guard is None or (best_key and best_key[0]))
+    if dist is not None:
+        summary["world_size"] = world
+        summary["replicas_equal"] = _record_replicas(dist, model, run_dir, history)
     log_metrics({"best_epoch": best_epoch, "train_seconds": summary["seconds"],
                          f"best_{tc.select_metric}": best_val or 0.0})
     return summary
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def _agreed():
+    """What ranks > 0 raise on a failure every rank detected at once: rank 0 reports it."""
+    from medwsol.engine.distributed import AgreedStop
+
+    return AgreedStop(2)
+
+
+def _may_leave_parameters_unused(model: torch.nn.Module) -> bool:
+    """Whether some trainable parameters may get no gradient in a step (DDP must then look for them).
+
+    The weight-map methods with a joint classifier and ``cls_weight: 0`` train ``f`` from no term.
+    """
+    p = getattr(model, "params", None)
+    return bool(p is not None and getattr(p, "classifier", None) == "joint" and not getattr(p, "cls_weight", 1.0))
+
+
+def _scores(model, loader, device, dtype, channels_last: bool, dist) -> dict[str, float]:
+    """:func:`score_split` over this rank's share, merged over the ranks (PxAP histograms and counts)."""
+    from medwsol.engine.evaluate import merge_split_states, scores_from_state, split_state
+
+    state = split_state(model, loader, device, dtype, channels_last)
+    if dist is not None and dist.world > 1:
+        state = merge_split_states(dist.gather(state))
+    return scores_from_state(state)
+
+
+def _record_replicas(dist, model: torch.nn.Module, run_dir: Path, history: list[dict]) -> bool | None:
+    """Every rank's parameter digest, compared on rank 0 and written to ``run_dir/ddp.json``."""
+    if dist is None:
+        return None
+    from medwsol.engine.distributed import param_digest
+    from medwsol.io import write_json
+
+    digests = dist.gather(param_digest(model))
+    equal = len(set(digests)) == 1
+    if dist.is_main:
+        write_json(run_dir / "ddp.json", {"world_size": dist.world, "backend": dist.backend,
+                                          "device": str(dist.device), "epochs": len(history),
+                                          "param_digests": digests, "replicas_equal": equal})
+        if not equal:
+            raise TrainingError(f"the {dist.world} processes ended with different weights ({run_dir / 'ddp.json'}); "
+                                "fix: report it - gradients were not synchronised")
+    return equal

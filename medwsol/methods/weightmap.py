@@ -138,18 +138,19 @@ def _as_fixed_function(module: nn.Module) -> Iterator[None]:
     """Run ``module`` in eval mode with its parameters excluded from autograd.
 
     Gradients still flow to the module's inputs; running statistics and
-    parameters stay untouched. Restores the previous state afterwards.
+    parameters stay untouched. Inside, the module computes with detached
+    views of its parameters (``requires_grad`` is never toggled mid-step: DDP
+    arms its gradient hooks on the same parameters in every step). Restores
+    the previous mode afterwards.
     """
+    from torch.nn.utils.stateless import _reparametrize_module
+
     was_training = module.training
-    flags = [(p, p.requires_grad) for p in module.parameters()]
     module.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
     try:
-        yield
+        with _reparametrize_module(module, {n: p.detach() for n, p in module.named_parameters()}):
+            yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
         module.train(was_training)
 
 
