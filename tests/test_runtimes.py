@@ -196,3 +196,26 @@ def test_check_runtime_cli(pkg, int8):
     bad = subprocess.run([sys.executable, "-m", "medwsol.cli", "package", "check-runtime", "--model", str(pkg.path),
                           "--runtime", "torch"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "not an ONNX runtime" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_infer_from_package_runs_the_configured_runtime_and_auto_falls_back(pkg, int8, tmp_path):
+    from rich.console import Console
+
+    from medwsol.data.synthetic_slide import make_synthetic_slide
+    from medwsol.stages import infer_from_package, serving_runtime
+
+    slide = make_synthetic_slide(tmp_path / "s.tif", width=768, height=512, mpp=0.5, seed=2)["tif"]
+    settings = SlidesConfig(target_mpp=2.0, tile_size=TILE, overlap=0, output_mpp=8.0, batch_size=8, num_workers=0,
+                            runtime="onnx-int8", runtime_threads=1)
+    df = infer_from_package(pkg, [slide], settings, tmp_path / "out", torch.device("cpu"))
+    assert df.status.tolist() == ["ok"]
+    meta = json.loads((Path(df.outputs[0]) / "meta.json").read_text())
+    assert meta["model"]["runtime"] == "onnx-int8" and "dice" in meta["model"]["check"]
+    # auto on a CPU wants int8; calibration tiles that cannot be had make it fall back to onnx, and say so
+    console = Console(record=True, width=300)
+    bad = settings.model_copy(update={"runtime": "auto", "runtime_calibration": [tmp_path / "missing.csv"]})
+    rt = serving_runtime(pkg, served_from_package(pkg), bad, torch.device("cpu"), console)
+    assert rt.runtime == "onnx" and "running onnx (fp32)" in console.export_text()
+    with pytest.raises(DataError, match="missing.csv"):
+        serving_runtime(pkg, served_from_package(pkg), bad.model_copy(update={"runtime": "onnx-int8"}),
+                        torch.device("cpu"), console)

@@ -548,9 +548,9 @@ def build_runtime(pkg, served, runtime: str, tile_size: int, threads: int | None
     explicit = bool(calibration_slides) or calibration_manifest is not None
     cal: CalibrationSet | None = None
     if info is not None and graph.is_file() and info.get("graph_sha256") == _sha256(graph):
-        if explicit:  # asked for other calibration tiles than the cached graph's: rebuild on those
+        if explicit and runtime == "onnx-int8":  # other calibration tiles than the cached graph's: rebuild on those
             cal = calibration_tiles(pkg, t, calibration_manifest, calibration_slides, n_calibration, fallback_mpp)
-            if runtime == "onnx-int8" and cal.fingerprint != (info.get("calibration") or {}).get("fingerprint"):
+            if cal.fingerprint != (info.get("calibration") or {}).get("fingerprint"):
                 info = None
         if info is not None:
             say(f"runtime {runtime}: reusing {graph} (calibrated on {(info.get('calibration') or {}).get('source', '-')})")
