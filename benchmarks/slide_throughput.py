@@ -9,6 +9,11 @@ randomly initialised resnet18), prints a Markdown table of
   ratio end-to-end / min(read, model)  (target >= 0.9 on CPU),
 * MONAI ``PatchInferer`` + ``WSISlidingWindowSplitter`` (OpenSlide) + ``AvgMerger`` tiles/s on the
   same slide, model and tile size (level 0: run with --target-mpp equal to --mpp), and ours / MONAI,
+* one row per slide runtime (``--runtimes torch,onnx,onnx-int8``, :mod:`medwsol.engine.runtimes`) with
+  its faithfulness to the fp32 torch model (Dice of the maps at τ, class agreement, max |Δ score|) on
+  validation tiles: the package's own validation split with ``--package``, else tissue tiles of the
+  benchmark slide; MONAI always runs the fp32 torch model, so "ours / MONAI" of a runtime row is that
+  runtime's end to end against MONAI with the same weights,
 * peak RSS of ``infer_slide`` on three slide sizes, each in its own subprocess (VmHWM reset just
   before the call; target: flat in slide size), optionally on a huge (e.g. 100k x 100k) slide made of
   two pre-encoded tiles (``--huge``; target: <= 1.5 GB at 100k x 100k).
@@ -19,6 +24,9 @@ Usage::
     python benchmarks/slide_throughput.py --width 2048 --height 2048 --rss-sizes 2048,4096,8192
     python benchmarks/slide_throughput.py --device cuda --workers 8 --batch 64
     python benchmarks/slide_throughput.py --huge 25000,50000,100000 --rss-sizes ''   # memory up to 100k x 100k
+    # runtimes on a trained package, >= 1000 tissue tiles, slide made at the package's mpp (MONAI reads level 0)
+    python benchmarks/slide_throughput.py --package runs/slides/<stamp>/package --mpp 2 --width 8192 \
+        --height 6144 --runtimes torch,onnx,onnx-int8 --no-pipeline-model --rss-sizes ''
 """
 
 from __future__ import annotations
@@ -57,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--huge", default="",
                    help="also measure memory on huge two-tile slides of these sides (e.g. 25000,50000,100000)")
     p.add_argument("--huge-target-mpp", type=float, default=16.0, help="model resolution for the --huge slide")
+    p.add_argument("--runtimes", default="torch",
+                   help="comma-separated slide runtimes to measure (torch, onnx, onnx-int8), one row each")
+    p.add_argument("--package", type=Path, default=None,
+                   help="a model package: its network, tile size, calibration and validation data (default: "
+                   "--method on a random-init --backbone)")
+    p.add_argument("--calibration-tiles", type=int, default=64, help="int8 calibration / check tiles")
+    p.add_argument("--runtime-threads", type=int, default=0, help="ONNX Runtime threads (0: the CPUs we may use)")
     p.add_argument("--out", type=Path, default=Path("/tmp/medwsol_bench"))
     p.add_argument("--rss-child", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -72,9 +87,14 @@ def build_model(args):
 
 
 def served(model):
-    """The network as the slide path serves it (no map range: the benchmark measures speed, not maps)."""
+    """The network as the slide path serves it (no map range: the benchmark measures speed, not maps).
+
+    A :class:`ServedModel` (a package's) or a runtime is returned as it is.
+    """
     from medwsol.engine.served import ServedModel
 
+    if isinstance(model, ServedModel) or hasattr(model, "runtime"):
+        return model
     return ServedModel(model, ["benign", "malignant"], "malignant", "weight", map_range=None, tau=0.5)
 
 
@@ -169,6 +189,40 @@ def fast_slide(path: Path, side: int, mpp: float, tile: int = 256) -> Path:
     return path
 
 
+def load_bench_package(args):
+    """``--package``: the loaded package; its tile size and µm/px become the benchmark's."""
+    if args.package is None:
+        return None
+    from medwsol.package import load_package
+
+    pkg = load_package(args.package)
+    args.tile = int(pkg.meta["input"]["tile_size"])
+    args.target_mpp = float(pkg.meta["input"]["target_mpp"])
+    if abs(args.target_mpp - args.mpp) > 1e-9:
+        print(f"note: the package runs at {args.target_mpp} um/px and the slide is made at {args.mpp}; MONAI reads "
+              "level 0, so pass --mpp equal to it for a like-for-like comparison", file=sys.stderr)
+    return pkg
+
+
+def random_package(args, model):
+    """The benchmark's random network as a model package (so ONNX runtimes can be built and cached from it)."""
+    from medwsol.package import build_package, load_package
+
+    folder = args.out / f"package_{args.method}_{args.backbone}"
+    if not (folder / "package.json").is_file():
+        import torch
+
+        torch.manual_seed(0)
+        net = model.float().cpu().eval()
+        desc = {**net.describe(), "extra_state": net.extra_state()}
+        cal = {"map_range": None, "map_range_fitted_on": "none (benchmark)", "score": "weight",
+               "positive_class": "malignant", "tau": 0.5, "tau_chosen_on": "none (benchmark)"}
+        build_package(folder, {k: v.contiguous() for k, v in net.state_dict().items()}, desc, ["benign", "malignant"],
+                      "malignant", {"tile_size": args.tile, "target_mpp": args.target_mpp, "mpp_source": "benchmark"},
+                      cal, {"run_id": None})
+    return load_package(folder)
+
+
 def rss_child(args) -> None:
     """Run infer_slide once on ``args.rss_child`` and print its memory as JSON."""
     import gc
@@ -211,8 +265,11 @@ def _pipeline_model_cls():
     return PipelineModel
 
 
-def measure(args, model, dev, dtype, cfg, slide_path, xy, base) -> dict:
-    """read-only, model-only, end-to-end and MONAI tiles/s for one model (best of ``args.repeats``)."""
+def measure(args, model, dev, dtype, cfg, slide_path, xy, base, monai: bool = True) -> dict:
+    """read-only, model-only, end-to-end and MONAI tiles/s for one model (best of ``args.repeats``).
+
+    ``model``: a network, a :class:`ServedModel` or a runtime; MONAI runs it too (when ``monai``).
+    """
     import torch
 
     from medwsol.engine.infer import SlideTileDataset, infer_slide
@@ -222,11 +279,13 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base) -> dict:
     best = lambda key, v: res.__setitem__(key, max(res.get(key, 0.0), v))  # noqa: E731
     batch = torch.randint(0, 256, (cfg.batch_size, cfg.tile_size, cfg.tile_size, 3), dtype=torch.uint8).to(dev)
 
+    srv = served(model)
+
     def step():
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         with autocast(dev, dtype):
-            out = model(x)
-        return out.weight_map.float().mean().item() + out.logits.float().sum().item()
+            p, w, sc = srv(x)
+        return sc.float().mean().item() + p.float().sum().item()
 
     for _ in range(args.repeats):
         # read-only: the DataLoader infer_slide uses, no model
@@ -245,9 +304,9 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base) -> dict:
                 step()
             best("model", args.model_batches * cfg.batch_size / (time.perf_counter() - t))
         # end to end: mask + grid + inference + stitching + writing
-        row = infer_slide(served(model), slide_path, cfg, args.out / "e2e_out", dev, progress=False, amp=args.amp)
+        row = infer_slide(srv, slide_path, cfg, args.out / "e2e_out", dev, progress=False, amp=args.amp)
         best("e2e", row["tiles"] / row["seconds"])
-        if not args.skip_monai:
+        if not args.skip_monai and monai:
             from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
 
             count = {"n": 0}
@@ -255,7 +314,7 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base) -> dict:
             def net(x):
                 count["n"] += len(x)
                 with autocast(dev, dtype):
-                    return model(x).weight_map.float()
+                    return srv(x)[2].float()
 
             keep = {(int(x), int(y)) for x, y in xy}  # the same tissue tiles; MONAI's location is (row, col)
             same_grid = abs(cfg.target_mpp - base) < 1e-9
@@ -293,8 +352,9 @@ def main(argv=None) -> None:
     PipelineModel = _pipeline_model_cls()
 
     dev = select_device(args.device)
+    pkg = load_bench_package(args)  # sets args.tile / args.target_mpp from a given package
     slide_path = synthetic(args, args.width, args.height)
-    model = build_model(args).to(dev)
+    model = build_model(args).to(dev) if pkg is None else None
     cfg = slides_cfg(args, args.target_mpp)
     slide = open_slide(slide_path)
     base, _ = slide_mpp(slide)
@@ -303,10 +363,43 @@ def main(argv=None) -> None:
     slide.close()
     n = len(xy)
     dtype = amp_dtype(dev, args.amp)
-    passes = [(f"{args.method}/{args.backbone}", model)]
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if pkg is None and runtimes != ["torch"]:
+        pkg = random_package(args, model)  # the random network as a package, so that runtimes can be built
+    if pkg is not None:
+        from medwsol.engine.served import served_from_package
+
+        base_served = served_from_package(pkg).eval().to(memory_format=torch.channels_last)  # as infer_slide runs it
+        label = f"{pkg.meta['model']['method']}/{pkg.meta['model']['backbone']}"
+    else:
+        base_served, label = served(model), f"{args.method}/{args.backbone}"
+    passes, checks = [], {}
+    for rt_name in runtimes:
+        if rt_name == "torch":
+            passes.append((f"{label} torch fp32", base_served.to(dev)))
+            continue
+        from medwsol.engine.runtimes import build_runtime
+
+        own_data = bool((pkg.meta.get("provenance") or {}).get("data_manifest")) and args.package is not None
+        rt = build_runtime(pkg, base_served, rt_name, cfg.tile_size, threads=args.runtime_threads or None,
+                           calibration_slides=[] if own_data else [slide_path], n_calibration=args.calibration_tiles,
+                           min_dice=None, log=lambda m: print(m, file=sys.stderr))
+        checks[f"{label} {rt_name}"] = rt.info.get("check")
+        passes.append((f"{label} {rt_name}", rt))
     if not args.no_pipeline_model:
         passes.append(("1x1-conv (pipeline-bound)", PipelineModel().to(dev).eval()))
-    all_results = [(name, measure(args, m, dev, dtype, cfg, slide_path, xy, base)) for name, m in passes]
+    all_results = []
+    monai_ref = None
+    for name, m in passes:
+        first = monai_ref is None or name.startswith("1x1")
+        r = measure(args, m, dev, dtype, cfg, slide_path, xy, base, monai=first)
+        if name.startswith("1x1"):
+            pass
+        elif monai_ref is None:
+            monai_ref = (r.get("monai"), r.get("monai_tiles"))
+        else:  # runtimes against MONAI with the fp32 torch model: same slide, same weights
+            r["monai"], r["monai_tiles"] = monai_ref
+        all_results.append((name, r))
 
     # 5. memory of infer_slide on several slide sizes, each in a fresh process
     jobs = [(synthetic(args, side, side), "synthetic", args.rss_target_mpp)
@@ -330,16 +423,25 @@ def main(argv=None) -> None:
     print(f"\n## Slide inference throughput ({dev}, torch threads {torch.get_num_threads()}, workers {cfg.num_workers}, "
           f"batch {cfg.batch_size}, {args.method}/{args.backbone}, tile {cfg.tile_size} px at {cfg.target_mpp} µm/px)\n")
     print(f"Slide: {slide_path.name} ({args.width} x {args.height} px at {base} µm/px), {n} tissue tiles.\n")
-    print("| model | read only (DataLoader) | model only | end to end (`infer_slide`) | e2e / min(read, model) "
-          "| MONAI PatchInferer (tiles) | ours / MONAI |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model / runtime | read only (DataLoader) | model only | end to end (`infer_slide`) | e2e / read "
+          "| e2e / model | e2e / min(read, model) | MONAI PatchInferer, torch fp32 (tiles) | ours / MONAI | Dice at tau vs fp32 "
+          "| class agreement | max abs d score |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in all_results:
         bound = min(r["read"], r["model"])
-        monai = f"{r['monai']:.1f} ({r['monai_tiles']})" if "monai" in r else "-"
+        monai = f"{r['monai']:.1f} ({r['monai_tiles']})" if r.get("monai") else "-"
         ratio = f"{r['e2e'] / r['monai']:.2f}" if r.get("monai") else "-"
-        print(f"| {name} | {r['read']:.1f} | {r['model']:.1f} | {r['e2e']:.1f} | {r['e2e'] / bound:.2f} | {monai} "
-              f"| {ratio} |")
+        c = checks.get(name)
+        faith = (f"{c['dice']:.4f} | {c['agreement']:.3f} | {c['max_abs_score']:.4f}" if c
+                 else ("(reference) | (reference) | 0" if "torch" in name else "- | - | -"))
+        print(f"| {name} | {r['read']:.1f} | {r['model']:.1f} | {r['e2e']:.1f} | {r['e2e'] / r['read']:.2f} | "
+              f"{r['e2e'] / r['model']:.2f} | "
+              f"{r['e2e'] / bound:.2f} | {monai} | {ratio} | {faith} |")
     note = f"\nAll numbers in tiles/s, best of {args.repeats} runs."
+    if checks:
+        src = next((c["source"] for c in checks.values() if c), "-")
+        note += (f" Faithfulness: the runtime's served score against the fp32 torch model's on {src}; Dice of the "
+                 "two maps thresholded at the package's tau.")
     if not args.skip_monai:
         note += (" MONAI: WSISlidingWindowSplitter(reader='OpenSlide', level=0, filter_fn keeping our tissue tiles: it "
                  "reads every grid tile, infers the same tiles) + AvgMerger at level-0 resolution; ours: tissue tiles "

@@ -27,8 +27,11 @@ app = typer.Typer(
 prepare_app = typer.Typer(help="Build manifests: synthetic data, GlaS, slide tiles, or a pipeline's prepare stage.",
                           no_args_is_help=True)
 benchmark_app = typer.Typer(help="Benchmarks that print tables measured in one run.", no_args_is_help=True)
+package_app = typer.Typer(help="Model packages: check how faithfully a runtime (ONNX, int8) serves one.",
+                           no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(benchmark_app, name="benchmark")
+app.add_typer(package_app, name="package")
 
 def _version_callback(value: bool) -> None:
     if value:
@@ -216,6 +219,9 @@ def infer(
         None, "--cluster", help="Run the cohort on Dask, one task per slide: local:N (N worker processes here) or "
         "tcp://HOST:PORT (a running scheduler). Same as slides.cluster; see docs/scaling.md."),
     export: bool = typer.Option(True, "--export/--no-export", help="Also export (TIFF, GeoJSON, PNG, ...)."),
+    runtime: Optional[str] = typer.Option(
+        None, "--runtime", help="auto (default: torch on CUDA, onnx-int8 on a CPU), torch, onnx or onnx-int8 "
+        "(slides.runtime; graphs cached by package digest, refused below slides.runtime_min_dice)."),
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
 ) -> None:
@@ -223,6 +229,8 @@ def infer(
     from medwsol.config import apply_overrides, load_config, parse_config
 
     overrides = list(overrides or [])
+    if runtime is not None:
+        overrides.append(f"slides.runtime={runtime}")  # validated with the other slides settings
     typed: dict = {}
     if slides:
         typed["inputs"] = list(slides)
@@ -396,6 +404,62 @@ def prepare_slides_cmd(
     assert isinstance(cfg, PipelineConfig)
     manifest = prepare_slide_tiles(slides, annotations, out, cfg.data.tiles, cfg.data.classes, cfg.seed)
     typer.echo(f"wrote {manifest}")
+
+
+@package_app.command("check-runtime")
+@handle_errors
+def package_check_runtime(
+    model: str = typer.Option(..., "--model", help="models:/<name>@<alias>, models:/<name>/<version>, or a package "
+                              "folder (<run>/package)."),
+    runtimes: Optional[List[str]] = typer.Option(None, "--runtime", help="onnx and/or onnx-int8 (repeatable; "
+                                                 "default both)."),
+    calibration_manifest: Optional[Path] = typer.Option(
+        None, "--calibration-manifest", help="Manifest whose valid split calibrates and checks (default: the "
+        "package's own data manifest)."),
+    calibration_slides: Optional[List[Path]] = typer.Option(
+        None, "--calibration-slides", help="Slides whose tissue tiles calibrate and check instead (repeatable)."),
+    n_tiles: int = typer.Option(64, "--n-tiles", min=1, help="Validation tiles to calibrate and check on."),
+    tile_size: Optional[int] = typer.Option(None, "--tile-size", min=8, help="Default: the package's tile size."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads."),
+    min_dice: float = typer.Option(0.97, "--min-dice", min=0.0, max=1.0,
+                                   help="Exit 2 when a runtime's Dice at tau is below this."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Re-export and re-quantize even when cached."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Where models:/ URIs live."),
+) -> None:
+    """Faithfulness of ONNX runtimes to the fp32 torch model on validation tiles: |d map|, Dice at tau, classes."""
+    from medwsol.engine.runtimes import build_runtime, calibration_tiles, check_runtime
+    from medwsol.engine.served import served_from_package
+    from medwsol.errors import ConfigError
+    from medwsol.stages import resolve_package
+
+    names = list(runtimes or ["onnx", "onnx-int8"])
+    bad = [r for r in names if r not in ("onnx", "onnx-int8")]
+    if bad:
+        raise ConfigError(f"--runtime {bad[0]}: not an ONNX runtime; fix: use onnx or onnx-int8")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    pkg = resolve_package(model, uri)
+    served = served_from_package(pkg)
+    t = int(tile_size or pkg.meta["input"]["tile_size"])
+    cal = calibration_tiles(pkg, t, calibration_manifest, calibration_slides or [], n_tiles)
+    typer.echo(f"model {pkg.source} ({pkg.digest[:19]}): {served.score_mode} score, tau {served.tau:.3f}; "
+               f"check tiles: {cal.source}")
+    rows = []
+    for name in names:
+        rt = build_runtime(pkg, served, name, t, threads=threads, calibration_manifest=calibration_manifest,
+                           calibration_slides=calibration_slides or [], n_calibration=n_tiles, min_dice=None,
+                           rebuild=rebuild, log=typer.echo)
+        rows.append(check_runtime(served, rt, cal))
+    typer.echo("\n| runtime | tiles | max abs d score | mean abs d score | max abs d weight | Dice at tau | "
+               "class agreement | torch tiles/s | runtime tiles/s |")
+    typer.echo("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        typer.echo(f"| {r['runtime']} | {r['n_tiles']} | {r['max_abs_score']:.4f} | {r['mean_abs_score']:.5f} | "
+                   f"{r['max_abs_weight']:.4f} | {r['dice']:.4f} | {r['agreement']:.3f} | "
+                   f"{r['torch_tiles_per_s']:.1f} | {r['runtime_tiles_per_s']:.1f} |")
+    low = [r for r in rows if r["dice"] < min_dice]
+    if low:
+        raise ConfigError(f"runtime {low[0]['runtime']}: Dice {low[0]['dice']:.4f} at tau {low[0]['tau']:.3f} is below "
+                          f"--min-dice {min_dice:g}; fix: serve with slides.runtime=torch or onnx")
 
 
 @benchmark_app.command("methods")

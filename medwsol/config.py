@@ -278,6 +278,18 @@ class SlidesConfig(Section):
         None, ge=1, description="torch threads per Dask worker (default: local:N -> cores // N; a remote worker -> "
         "its cores // its dask threads)")
 
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="what runs the model: PyTorch, ONNX Runtime fp32, or ONNX Runtime int8 (static, QDQ, "
+        "per-channel; calibrated on validation tiles); auto: torch on CUDA, onnx-int8 on a CPU (docs/benchmarks.md)")
+    runtime_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: the CPUs "
+                                        "this process may use)")
+    runtime_min_dice: float | None = Field(
+        0.97, ge=0, le=1, description="refuse an ONNX runtime whose maps, thresholded at tau, agree with the fp32 "
+        "model's on validation tiles with a Dice below this (null: never refuse)")
+    runtime_calibration: list[Path] = Field(
+        default_factory=list, description="int8 calibration and check tiles: one manifest CSV (its valid split) or "
+        "slide files (tissue tiles); default: the validation split of the package's own data manifest")
+
     @field_validator("cluster")
     @classmethod
     def _cluster_spec(cls, v: str | None) -> str | None:

@@ -40,6 +40,7 @@ __all__ = [
     "infer_from_package",
     "infer_on_cluster",
     "copy_package",
+    "serving_runtime",
     "export_slides",
     "score_slide",
     "model_card",
@@ -447,6 +448,36 @@ def collect_slides(cfg) -> list[Path]:
     return slides
 
 
+def serving_runtime(pkg, served, settings, device, console: Console | None = None):
+    """What runs the served model on slides: ``slides.runtime`` resolved for ``device`` (see :mod:`medwsol.engine.runtimes`).
+
+    ``torch`` returns ``served`` itself; ``onnx`` / ``onnx-int8`` an ONNX Runtime drop-in, built or reused
+    from the package's runtime cache and refused (one line) when its faithfulness check is below
+    ``slides.runtime_min_dice``. With ``slides.runtime: auto`` on a CPU, an int8 runtime that cannot be
+    built (no validation tiles here) or is refused falls back to ``onnx`` (fp32), and says so.
+    """
+    from medwsol.engine.runtimes import build_runtime, resolve_runtime
+    from medwsol.errors import MedwsolError
+
+    console = console or _console()
+    name = resolve_runtime(getattr(settings, "runtime", "torch"), device)
+    if name == "torch":
+        return served
+    cal = list(getattr(settings, "runtime_calibration", []) or [])
+    manifest = cal[0] if len(cal) == 1 and Path(cal[0]).suffix.lower() == ".csv" else None
+    kw = dict(tile_size=settings.tile_size, threads=settings.runtime_threads, calibration_manifest=manifest,
+              calibration_slides=[] if manifest is not None else cal, min_dice=settings.runtime_min_dice,
+              fallback_mpp=settings.fallback_mpp, log=console.print)
+    try:
+        return build_runtime(pkg, served, name, **kw)
+    except MedwsolError as err:
+        if settings.runtime != "auto" or name == "onnx":
+            raise
+        console.print(f"[yellow]note:[/] slides.runtime auto: {name} not used ({str(err).splitlines()[0]}); "
+                      "running onnx (fp32)")
+        return build_runtime(pkg, served, "onnx", **kw)
+
+
 def infer_from_package(pkg, slides: list[Path], settings, out_dir: Path, device, tracker=None,
                        amp: str = "auto", served=None, console: Console | None = None) -> pd.DataFrame:
     """Run the cohort with a package's served model; print where tau came from and each failure."""
@@ -458,6 +489,7 @@ def infer_from_package(pkg, slides: list[Path], settings, out_dir: Path, device,
     if settings.cluster:
         return infer_on_cluster(pkg, slides, settings, out_dir, device, tracker=tracker, amp=amp, served=served,
                                 console=console)
+    served = serving_runtime(pkg, served, settings, device, console)
     score = ("weight map x P(" + served.positive_class + ")") if served.score_mode == "weight_x_prob" else "weight map"
     console.print(f"{len(slides)} slide(s); model {pkg.source} ({pkg.digest[:19]}); score: {score}; "
                   f"tau {served.tau:.3f} from {served.tau_source}; tiles {settings.tile_size} px at "
@@ -512,6 +544,11 @@ def infer_on_cluster(pkg, slides: list[Path], settings, out_dir: Path, device, t
         had_pkg = pkg_dir.exists()
         copy_package(pkg, pkg_dir)
         try:
+            # slides.runtime: built (or reused) here beside the workers' copy, so workers load the same graph
+            import dataclasses
+
+            served = serving_runtime(dataclasses.replace(pkg, path=pkg_dir.resolve(), source=str(pkg_dir.resolve())),
+                                     served, settings, device, console)
             check_workers(handle, pkg_dir.resolve(), pkg.digest, serve_kwargs(served))
         except BaseException:
             if not had_pkg:

@@ -210,7 +210,16 @@ def served_for(package_dir: str, digest: str, serve: dict[str, Any]):
             if pkg.digest != digest:
                 raise PackageError(f"{package_dir}: package digest {pkg.digest[:19]} is not the driver's {digest[:19]} "
                                    "(replaced while the cohort ran); fix: re-run the cohort")
-            served = served_from_package(pkg, **serve)
+            kw = dict(serve)
+            runtime = kw.pop("runtime", None)
+            served = served_from_package(pkg, **kw)
+            if runtime is not None:  # the graph the driver built (cached beside the package): reused, not rebuilt
+                import torch
+
+                from medwsol.engine.runtimes import build_runtime
+
+                served = build_runtime(pkg, served, runtime["name"], runtime["tile_size"],
+                                       threads=torch.get_num_threads(), min_dice=None)
             _CACHE.clear()  # one package per worker at a time
             _CACHE[key] = served
         return served
@@ -259,8 +268,11 @@ def slide_task(package_dir: str, digest: str, serve: dict[str, Any], slide: str,
 
 def serve_kwargs(served) -> dict[str, Any]:
     """What a worker needs, beside the package, to rebuild the driver's served model."""
-    return {"score": served.score_mode, "positive_class": served.positive_class, "tau": float(served.tau),
-            "tau_source": served.tau_source}
+    out = {"score": served.score_mode, "positive_class": served.positive_class, "tau": float(served.tau),
+           "tau_source": served.tau_source}
+    if getattr(served, "runtime", "torch") != "torch":  # an ONNX runtime the driver built beside the package copy
+        out["runtime"] = {"name": served.runtime, "tile_size": int(served.info["tile_size"])}
+    return out
 
 
 def check_workers(handle: ClusterHandle, package_dir: str | Path, digest: str, serve: dict[str, Any]) -> dict:

@@ -465,10 +465,13 @@ def slide_key(served, slide_path: Path, cfg) -> dict[str, Any]:
     st = slide_path.stat()
     settings = {k: getattr(cfg, k, None) for k in OUTPUT_SETTINGS}
     settings["overlap"] = effective_overlap(cfg)
+    model = {"digest": getattr(served, "digest", None), "score": served.score_mode,
+             "positive_class": served.positive_class, "tau": served.tau, "map_range": served.map_range,
+             "classes": list(served.classes), "map_class": getattr(served, "map_class", "predicted")}
+    if getattr(served, "runtime", "torch") != "torch":  # an ONNX runtime (medwsol.engine.runtimes): its graph
+        model.update(runtime=served.runtime, graph_sha256=served.info.get("graph_sha256"))
     key = {
-        "model": {"digest": getattr(served, "digest", None), "score": served.score_mode,
-                  "positive_class": served.positive_class, "tau": served.tau, "map_range": served.map_range,
-                  "classes": list(served.classes)},
+        "model": model,
         "slide": {"path": str(slide_path.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)},
         "settings": settings,
     }
@@ -667,12 +670,35 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
     weights: dict[tuple[int, int], np.ndarray] = {}
     served.to(dev).eval()
     served.to(memory_format=torch.channels_last)  # as in training: oneDNN / cuDNN's fast NHWC convolutions
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # one tile size for the whole slide: let cuDNN pick its kernels
     n_classes = len(served.classes)
+
+    def stitch(idx: np.ndarray, host: list[torch.Tensor], groups: list[np.ndarray], done) -> None:
+        """Merge one batch whose device-to-host copies were issued earlier (waits for them only now)."""
+        if done is not None:
+            done.synchronize()
+        probs[idx] = host[0].numpy()
+        mean_w[idx] = host[1].numpy()
+        small: list[torch.Tensor | None] = [None] * len(idx)
+        for sel, part in zip(groups, host[2:]):
+            for j, s in enumerate(sel):
+                small[s] = part[j : j + 1]
+        for j, i in enumerate(idx):  # grid order: rows never go back (BandedZarrMerger needs it)
+            tile = small[j]
+            key = tuple(tile.shape[-2:])
+            if key not in weights:
+                weights[key] = importance_map(key[0], key[1], blend, sigma, ramp=ramp * key[0] / cfg.tile_size)
+            sink.aggregate(tile, (int(r0[i]), int(c0[i])), weights[key])
+
+    pending: list[tuple] = []
     try:
         with _progress(progress) as bar, torch.inference_mode():
             task = bar.add_task(slide_path.name[:40], total=len(ds))
             for imgs, idx in loader:
-                # [B, H, W, 3] uint8 -> [B, 3, H, W] float: the permuted view is channels_last already
+                # [B, H, W, 3] uint8 -> [B, 3, H, W] float on the device (normalisation happens there, inside
+                # the network): the permuted view is channels_last already
                 x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
                 with autocast(dev, dtype):
                     p, wm, score = served(x)
@@ -682,27 +708,32 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
                         f"({served.classes}); fix: re-package the model"
                     )
                 idx = idx.numpy()
-                probs[idx] = p.float().cpu().numpy()
-                mean_w[idx] = wm.float().mean(dim=(1, 2, 3)).cpu().numpy()
                 score = score.float()
                 hs, ws = r1[idx] - r0[idx], c1[idx] - c0[idx]
-                small: list[torch.Tensor | None] = [None] * len(idx)
-                for bh, bw in set(zip(hs.tolist(), ws.tolist())):
+                outs = [p.float(), wm.float().mean(dim=(1, 2, 3))]
+                groups = []
+                for bh, bw in sorted(set(zip(hs.tolist(), ws.tolist()))):
                     sel = np.nonzero((hs == bh) & (ws == bw))[0]
-                    part = score[torch.as_tensor(sel, device=score.device)]
+                    part = score[torch.as_tensor(sel, device=score.device)] if len(sel) < len(idx) else score
                     mh, mw = part.shape[-2:]
                     if (bh, bw) != (mh, mw):
                         mode = "area" if bh <= mh and bw <= mw else "bilinear"
                         part = F.interpolate(part, size=(bh, bw), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-                    part = part.cpu()
-                    for j, s in enumerate(sel):
-                        small[s] = part[j : j + 1]
-                    if (bh, bw) not in weights:
-                        weights[(bh, bw)] = importance_map(bh, bw, blend, sigma, ramp=ramp * bh / cfg.tile_size)
-                for j, i in enumerate(idx):  # grid order: rows never go back (BandedZarrMerger needs it)
-                    tile = small[j]
-                    sink.aggregate(tile, (int(r0[i]), int(c0[i])), weights[tuple(tile.shape[-2:])])
+                    groups.append(sel)
+                    outs.append(part)
+                # on a GPU: asynchronous copies into pinned host memory, merged one batch later, so the
+                # device never waits for the stitching (no sync per batch); on a CPU these are the tensors
+                host = [o.to("cpu", non_blocking=cuda) for o in outs]
+                done = None
+                if cuda:
+                    done = torch.cuda.Event()
+                    done.record()
+                pending.append((idx, host, groups, done))
+                if len(pending) > 1:
+                    stitch(*pending.pop(0))
                 bar.advance(task, len(idx))
+            while pending:
+                stitch(*pending.pop(0))
     finally:
         ds.close()
 
