@@ -64,7 +64,14 @@ def stage_prepare(ctx) -> None:
         s = d.synthetic
         out = d.manifest.parent
         if d.manifest.is_file() and (out / ".medwsol-synthetic.json").is_file():
-            if json.loads((out / ".medwsol-synthetic.json").read_text()) == s.model_dump():
+            from medwsol.errors import MedwsolError
+            from medwsol.io import read_json_file
+
+            try:
+                same = read_json_file(out / ".medwsol-synthetic.json", "synthetic data stamp") == s.model_dump()
+            except MedwsolError:
+                same = False  # an unreadable stamp: make the data again
+            if same:
                 ctx.results["manifest"] = d.manifest
                 return  # same seed and sizes: the files are already there
         made = make_synthetic_dataset(
