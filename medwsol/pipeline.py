@@ -48,12 +48,16 @@ def preflight(cfg: PipelineConfig, stages: list[str], model_ref: str | None = No
     File existence and output locations are checked when the config is loaded
     (:func:`medwsol.config.check_files`); here the contents that can be checked cheaply: the
     manifest (when no earlier stage writes it; :func:`load_manifest` caches the result, so the
-    stage does not read it twice) and a ``--model`` checkpoint path.
+    stage does not read it twice), ``model.pretrained`` and a ``--model`` checkpoint path.
     """
     if any(s in stages for s in ("train", "evaluate")) and "prepare" not in stages and cfg.data.manifest.is_file():
         from medwsol.data.manifest import load_manifest
 
         load_manifest(cfg.data.manifest, list(cfg.data.classes))
+    if "train" in stages and cfg.model.pretrained is not None:
+        from medwsol.methods.backbones import build_backbone
+
+        build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)  # a file that does not fit fails here
     if model_ref is not None and not model_ref.startswith(("models:/", "runs:/")):
         from medwsol.errors import CheckpointError
 
