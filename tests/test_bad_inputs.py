@@ -203,8 +203,9 @@ CASES = [
         lambda c: (c / "slides.csv").write_bytes("slide,label\ncaf\xe9.tif,tumour\n".encode("latin-1")))),
     Case("slides-csv-empty", PS, "slides.csv", setup=_cohort_with(lambda c: (c / "slides.csv").write_text(""))),
     Case("slides-csv-columns", PS, "columns", setup=_cohort_with(lambda c: (c / "slides.csv").write_text("a,b\n1,2\n"))),
-    Case("slides-ann-folder-missing", [*PS[:5], "noann", *PS[6:]], "noann", setup=_cohort_with(lambda c: None)),
+    Case("slides-ann-folder-missing", [*PS[:5], "noann", *PS[6:]], "noann"),
     Case("slides-out-under-file", [*PS[:-1], "p.yaml/t"], "p.yaml"),
+    Case("slides-out-foreign-data", [*PS[:-1], "data"], "would replace"),
     Case("slides-config-dup-key", [*PS[:7], "d.yaml", *PS[8:]], "seed", files={"d.yaml": "name: a\nseed: 1\nseed: 2\n"}),
     Case("slides-set-bad", [*PS, "--set", "data.tiles.mpp=-1"], "data.tiles.mpp"),
     Case("slides-slide-corrupt", PS, "s2.tif", outputs=("c/tiles",), setup=_cohort_with(
@@ -242,6 +243,10 @@ CASES = [
     Case("cli-missing-argument", ["run"], "'config'"),
     Case("cli-unknown-option", ["validate", "p.yaml", "--sett", "x=1"], "--sett"),
 ]
+
+for _case in CASES:  # every prepare-slides case starts from a fresh copy of the cohort (order-independent)
+    if _case.args[:2] == ["prepare", "slides"] and _case.setup is None:
+        _case.setup = _cohort_with(lambda c: None)
 
 
 def _command(case: Case) -> str:

@@ -378,6 +378,7 @@ def prepare_slide_tiles(
 
     slides_csv, out_dir = Path(slides_csv), Path(out_dir)
     t = tiles_cfg
+    _check_replaceable(out_dir, manifest_name)
     slides = read_slides_csv(slides_csv, annotations_dir, classes, t.tumour_class, t.normal_class)
     slides["split"] = _slide_splits(slides, seed, n_folds, slides_csv)
     tumour_names = sorted({*TUMOUR_ALIASES, t.tumour_class.lower()})
@@ -474,6 +475,18 @@ def prepare_slide_tiles(
     if failures:
         _raise_failures(slides_csv, out_dir, manifest_name, slides, failures, wrote=True)
     return path
+
+
+def _check_replaceable(out_dir: Path, manifest_name: str) -> None:
+    """``tiles/``, ``masks/`` and the manifest are replaced: only in a folder this function wrote before."""
+    if not out_dir.is_dir():
+        return
+    ours = (out_dir / (Path(manifest_name).stem + "_summary.json")).is_file()
+    clash = [n for n in ("tiles", "masks", manifest_name) if (out_dir / n).exists()]
+    if clash and not ours:
+        raise DataError(f"{out_dir}: holds {', '.join(clash)} that prepare slides did not write (no "
+                        f"{Path(manifest_name).stem}_summary.json), and it would replace them; fix: choose an empty "
+                        "or new output folder")
 
 
 def _slide_failure(slide: Path, err: BaseException) -> str:
