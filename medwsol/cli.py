@@ -154,6 +154,21 @@ def _signals_as_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _settle_threads(timeout: float = 5.0) -> None:
+    """Give worker threads still busy with the failed work (MONAI's caching ThreadPool, loaders) a moment to end.
+
+    Leaving the interpreter while such a daemon thread is inside torch's C++ code aborts the process
+    ('terminate called without an active exception', exit 134) after the error line was printed.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is threading.current_thread() or not t.daemon or not t.is_alive():
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
 def handle_errors(fn: F) -> F:
     """Turn errors into one red line and an exit code (2 user error, 130/143 signal, 1 bug); no traceback."""
 
@@ -162,8 +177,14 @@ def handle_errors(fn: F) -> F:
         from medwsol.errors import Terminated, one_line, user_error
 
         try:
-            with _signals_as_interrupts():
-                return fn(*args, **kwargs)
+            try:
+                with _signals_as_interrupts():
+                    return fn(*args, **kwargs)
+            except (*_EXIT, SystemExit):
+                raise
+            except BaseException:
+                _settle_threads()
+                raise
         except (*_EXIT, SystemExit):
             raise
         except Terminated as err:

@@ -3,7 +3,7 @@
 Each case runs the CLI in-process (Typer's CliRunner) in one shared sandbox and asserts the error
 contract of docs/errors.md: the expected exit code, exactly one ``error:`` line that names the file
 or key, no traceback, no new file outside the case's intended output, and no run folder left
-behind. Signals need a real process: tests/test_signals.py.
+behind. Signals need a real process: tests/test_processes.py.
 """
 
 from __future__ import annotations
@@ -221,6 +221,10 @@ CASES = [
     Case("slides-ann-bad-geometry", PS, "s0.geojson", outputs=("c/tiles",), setup=_cohort_with(
         lambda c: (c / "ann/s0.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
             {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1]]]}}]})))),
+    Case("slides-ann-not-features", PS, "s0.geojson", outputs=("c/tiles",), setup=_cohort_with(
+        lambda c: (c / "ann/s0.geojson").write_text("[1, 2, 3]"))),
+    Case("slides-ann-no-tumour", PS, "no tumour polygon", outputs=("c/tiles",), setup=_cohort_with(
+        lambda c: (c / "ann/s0.geojson").write_text('{"type": "FeatureCollection", "features": []}'))),
     Case("slides-ann-gz-truncated", PS, "s0.geojson.gz", outputs=("c/tiles",), setup=_cohort_with(
         lambda c: ((c / "ann/s0.geojson.gz").write_bytes(gzip.compress((c / "ann/s0.geojson").read_bytes())[:40]),
                    (c / "ann/s0.geojson").unlink()))),

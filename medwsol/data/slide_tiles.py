@@ -110,8 +110,9 @@ def qupath_geometry(
     wanted = None if class_names is None else {c.lower() for c in class_names}
     geoms = []
     for i, f in enumerate(feats):
-        if not isinstance(f, Mapping):
-            continue
+        if not isinstance(f, Mapping) or f.get("type") != "Feature":
+            raise DataError(f"GeoJSON: item {i} of the features is not a Feature (got {str(f)[:40]!r}); fix: export "
+                            "the annotations from QuPath (File > Export objects as GeoJSON)")
         g = f.get("geometry")
         if not isinstance(g, Mapping) or g.get("type") not in ("Polygon", "MultiPolygon"):
             continue
@@ -395,6 +396,10 @@ def prepare_slide_tiles(
             if not s["is_tumour"] and geom is not None and not geom.is_empty:
                 raise DataError(f"{s['annotations']}: normal slide {s['slide'].name} has tumour polygons; fix: label "
                                 f"the slide {t.tumour_class!r} or remove its tumour annotations")
+            if s["is_tumour"] and (geom is None or geom.is_empty):
+                raise DataError(f"{s['annotations']}: tumour slide {s['slide'].name} has no tumour polygon (classified "
+                                f"{', '.join(tumour_names)}, or unclassified); fix: export its tumour annotations, or "
+                                f"set data.tiles.tumour_class to the class used in QuPath")
             slide = open_slide(s["slide"])
             try:
                 base, _ = slide_mpp(slide)

@@ -1,4 +1,5 @@
-"""SIGTERM is Ctrl-C: clean-up, one line, exit 143, the MLflow run KILLED (real processes)."""
+"""What only a real process shows: SIGTERM is Ctrl-C (clean-up, one line, exit 143, the MLflow run KILLED),
+and the exit code of a failure is the process's exit code (no abort while worker threads wind down)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,23 @@ def test_sigterm_before_the_first_checkpoint_removes_the_new_run(trainable):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("early")
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["KILLED"]
+
+
+def test_a_failure_while_caching_the_dataset_exits_2_not_an_abort(trainable):
+    """MONAI's caching ThreadPool was still decoding when the interpreter left: 'terminate called...', exit 134."""
+    root = trainable
+    work = root / "trunc"
+    import shutil
+
+    shutil.copytree(root / "data", work, dirs_exist_ok=True)
+    rows = (work / "manifest.csv").read_text().splitlines()
+    first = rows[1].split(",")[0]
+    data = (work / first).read_bytes()
+    (work / first).write_bytes(data[: len(data) // 2])
+    proc = _train(root, "data.manifest=trunc/manifest.csv", "data.cache=cache", "tracking.enabled=false")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert "terminate called" not in err and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and first.split("/")[-1] in lines[0] and "cannot decode" in lines[0]
+    assert not (root / "runs").exists()
