@@ -167,8 +167,9 @@ def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, pac
         if own_tracker:
             tracker.close(status)
         if status != "FINISHED" and is_new and rd.is_dir():
-            console.print(f"[yellow]note:[/] kept {rd}: it holds a resumable training; continue with "
-                          f"--run-dir {rd} --resume")
+            resume = " --resume" if (rd / "checkpoints" / "last.pt").is_file() else ""
+            console.print(f"[yellow]note:[/] kept {rd}: it holds work a re-run continues (a training's last "
+                          f"checkpoint, or finished slides); continue with --run-dir {rd}{resume}")
     _print_where(ctx, console)
     n_failed = int(ctx.results.get("failed_slides") or 0)
     if n_failed:

@@ -19,8 +19,9 @@ Rules (docs/errors.md):
   the newest run with a resumable checkpoint, ``evaluate``/``infer`` the newest run with a finished
   training and ``export`` the newest run with a finished inference;
 * on failure (an error, Ctrl-C, SIGTERM) a run folder this invocation created is removed unless it
-  holds a resumable checkpoint (then it is kept, marked failed/interrupted, and ``latest`` skips it
-  for evaluation); in an existing run folder, what the failed stage added is removed, files this
+  holds work a re-run continues (``checkpoints/last.pt`` for ``--resume``, finished slide folders)
+  (then it is kept, marked failed/interrupted, and ``latest`` skips it for evaluation); in an
+  existing run folder, what the failed stage added is removed (but not such work), files this
   invocation rewrote (``config.yaml``, ``mlflow_run_id``) come back, and with ``--overwrite`` the
   previous training comes back.
 
@@ -62,8 +63,9 @@ STAGE_OUTPUTS = {
     "infer": ("slides",),
     "export": (),
 }
-#: What a stage the user can continue leaves in a run folder when it fails.
-RESUMABLE = ("checkpoints/last.pt",)
+#: What a failed invocation leaves that a re-run continues: a training's last checkpoint (``--resume``)
+#: and finished slides (their folders are complete; a re-run of ``infer`` skips them).
+RESUMABLE = ("checkpoints/last.pt", "slides/*/meta.json")
 #: Bookkeeping files of the session itself: restored (or refreshed) by the session, never "new outputs".
 BOOKKEEPING = (MARKER, "config.yaml", "mlflow_run_id")
 _LEGACY_OUTPUTS = ("mlflow_run_id", "checkpoints", "train_log.csv", "eval", "slides")
@@ -349,7 +351,7 @@ class RunSession:
             self.before = set(os.listdir(d))
             for name in BOOKKEEPING:
                 self.saved[name] = (d / name).read_bytes() if (d / name).is_file() else None
-            self.last_stamp = self._last_stamp()
+            self.last_stamp = self._work_stamp()
         try:
             if self.overwrite and not self.is_new:
                 names = [n for stage in ("train", "evaluate", "infer", "export") for n in STAGE_OUTPUTS[stage]]
@@ -366,11 +368,10 @@ class RunSession:
             if self.aside is not None:
                 shutil.rmtree(self.aside, ignore_errors=True)
             return
-        # the failed stage is recorded where it left work to continue (a training with a newer
-        # checkpoints/last.pt); otherwise an existing run's marker is put back as it was
+        # the failed stage is recorded where the invocation left work to continue (a newer
+        # checkpoints/last.pt, more finished slides); otherwise an existing run's marker is put back
         # (with --overwrite a failure always puts the previous training back, so nothing new is kept)
-        left_work = (self.current == "train" and not self.overwrite and self._resumable()
-                     and self._last_stamp() != self.last_stamp)
+        left_work = not self.overwrite and self._resumable() and self._work_stamp() != self.last_stamp
         with contextlib.suppress(Exception):
             if self.current is not None and (left_work or self.is_new):
                 status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
@@ -379,14 +380,16 @@ class RunSession:
 
     # -- undo -----------------------------------------------------------------------------------
     def _resumable(self) -> bool:
-        return any((self.run_dir / r).is_file() for r in RESUMABLE)
+        return any(any(self.run_dir.glob(r)) for r in RESUMABLE)
 
-    def _last_stamp(self) -> tuple | None:
+    def _work_stamp(self) -> tuple:
+        """What a re-run could continue from: the last checkpoint's (mtime, size) and the finished slides."""
         try:
             st = (self.run_dir / RESUMABLE[0]).stat()
+            last = (st.st_mtime_ns, st.st_size)
         except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
+            last = None
+        return last, frozenset(str(p) for p in self.run_dir.glob(RESUMABLE[1]))
 
     def _set_aside(self, names: list[str] | tuple[str, ...]) -> None:
         """Move existing outputs into a hidden folder of the run (restored on failure, deleted on success)."""
@@ -414,11 +417,13 @@ class RunSession:
             return
         if not d.is_dir():
             return
-        keep_resumable = self._resumable() and not self.overwrite
+        keep = set()
+        if not self.overwrite and (d / RESUMABLE[0]).is_file():
+            keep |= set(STAGE_OUTPUTS["train"])
+        if not self.overwrite and any(d.glob(RESUMABLE[1])):
+            keep |= set(STAGE_OUTPUTS["infer"])
         for name in set(os.listdir(d)) - self.before:
-            if name in BOOKKEEPING or (self.aside is not None and d / name == self.aside):
-                continue
-            if keep_resumable and name in STAGE_OUTPUTS["train"]:
+            if name in BOOKKEEPING or (self.aside is not None and d / name == self.aside) or name in keep:
                 continue
             target = d / name
             if target.is_dir() and not target.is_symlink():

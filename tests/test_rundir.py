@@ -131,3 +131,30 @@ def test_a_failed_evaluation_puts_the_previous_one_back(cfg):
             raise RuntimeError("boom")
     assert sorted(p.name for p in (d / "eval").iterdir()) == ["metrics.json"]
     assert (d / MARKER).read_bytes() == marker
+
+
+def test_finished_slides_of_a_failed_cohort_are_kept(cfg):
+    """Ctrl-C after some slides of a new run's cohort: their folders are complete and a re-run skips them."""
+    d = Path(cfg.run_root) / cfg.name / "20260101-000000"
+    with pytest.raises(KeyboardInterrupt):
+        with RunSession(d, True, cfg.name, "name: demo\n") as s:
+            s.mark("infer", "running")
+            (d / "slides" / "a").mkdir(parents=True)
+            (d / "slides" / "a" / "meta.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert (d / "slides" / "a" / "meta.json").is_file()
+    assert read_marker(d)["stages"]["infer"]["status"] == "interrupted"
+
+
+def test_progress_of_an_earlier_stage_is_recorded_when_a_later_one_fails(cfg):
+    """run --resume: training goes on and finishes, then evaluation fails; the marker tells the truth."""
+    d = _run(cfg, "20260101-000000", train="stopped")
+    with pytest.raises(RuntimeError):
+        with RunSession(d, False, cfg.name, "name: demo\n") as s:
+            s.mark("train", "running")
+            (d / "checkpoints" / "last.pt").write_text("epoch 2 of 2, much longer")
+            s.mark("train", "finished", epochs=2)
+            s.mark("evaluate", "running")
+            raise RuntimeError("boom")
+    stages = read_marker(d)["stages"]
+    assert stages["train"]["status"] == "finished" and stages["evaluate"]["status"] == "failed"
