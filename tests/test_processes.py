@@ -60,7 +60,7 @@ def trainable(tmp_path_factory):
     from medwsol.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("sig")
-    make_synthetic_dataset(root / "data", n_images=48, size=64, n_valpx=2, progress=False)
+    make_synthetic_dataset(root / "data", n_images=24, size=64, n_valpx=2, progress=False)
     return root
 
 
