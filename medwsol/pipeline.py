@@ -16,6 +16,7 @@ import yaml
 
 from medwsol import stages as stage_impl
 from medwsol.config import STAGES, PipelineConfig, flatten
+from medwsol.errors import ConfigError
 from medwsol.io import write_text
 from medwsol.rundir import RunSession, latest_run_dir, resolve_run_dir
 
@@ -50,6 +51,11 @@ def preflight(cfg: PipelineConfig, stages: list[str], model_ref: str | None = No
     manifest (when no earlier stage writes it; :func:`load_manifest` caches the result, so the
     stage does not read it twice), ``model.pretrained`` and a ``--model`` checkpoint path.
     """
+    from medwsol.config import output_problems
+
+    problems = output_problems(cfg, stages)  # again: the config may have changed since it was loaded
+    if problems:
+        raise ConfigError("; ".join(problems))
     if any(s in stages for s in ("train", "evaluate")) and "prepare" not in stages and cfg.data.manifest.is_file():
         from medwsol.data.manifest import load_manifest
 
@@ -65,7 +71,12 @@ def preflight(cfg: PipelineConfig, stages: list[str], model_ref: str | None = No
         if not path.exists():
             raise CheckpointError(f"--model {model_ref!r}: file not found; fix: give a checkpoint (checkpoints/best.pt "
                                   "of a run), a model package folder or a models:/<name>@<alias> URI")
-        if path.is_file():
+        if path.is_dir():  # a package folder, or a run folder holding one: its description is checked here
+            from medwsol.package import is_package_dir, read_package_meta
+
+            read_package_meta(path if is_package_dir(path) or not is_package_dir(path / "package")
+                              else path / "package")
+        else:
             from medwsol.checkpoint import read_checkpoint
 
             read_checkpoint(path)

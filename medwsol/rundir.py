@@ -58,7 +58,7 @@ MARKER = "medwsol_run.json"
 FORMAT = "medwsol-run"
 #: Outputs of each stage inside a run folder; ``--overwrite`` sets aside those of train and later stages.
 STAGE_OUTPUTS = {
-    "train": ("checkpoints", "train_log.csv", "train_curves.png"),
+    "train": ("checkpoints", "train_log.csv", "train_curves.png", "package"),
     "evaluate": ("eval",),
     "infer": ("slides",),
     "export": (),
