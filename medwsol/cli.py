@@ -367,8 +367,7 @@ def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[
     from medwsol.stages import collect_slides, export_slides, infer_from_package, resolve_package, serving_setup
 
     out = Path(slides_cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: is a file, not a folder; fix: pass a folder")
+    _check_out(out)  # before any slide is read or any model downloaded
     cfg.slides = slides_cfg
     slide_list = collect_slides(cfg)
     pkg = resolve_package(model, tracking_uri)

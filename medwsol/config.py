@@ -35,6 +35,7 @@ __all__ = [
     "parse_config",
     "apply_overrides",
     "check_files",
+    "output_problems",
     "flatten",
     "read_yaml",
     "load_yaml_text",
@@ -228,6 +229,9 @@ class SlidesConfig(Section):
         "count little) or a plain average")
     min_tissue: float = Field(0.1, ge=0, le=1)
     tissue_mpp: float = Field(16.0, gt=0, description="resolution of the tissue mask")
+    max_tissue_read_mpx: float = Field(
+        500.0, gt=0, description="a slide whose tissue detection would decode more pixels (millions) than this, "
+        "because it has no pyramid level near tissue_mpp, fails with a reason (the others go on)")
     output_mpp: float = Field(4.0, gt=0, description="resolution of the stitched heatmap")
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(1, ge=0)
@@ -626,13 +630,13 @@ def check_files(
     ckpt = mp.get("classifier_checkpoint") if isinstance(mp, dict) else None
     if ckpt and not Path(ckpt).is_file() and "train" in stages:
         problems.append(f"model.params.classifier_checkpoint: file {ckpt!r} not found; fix: train a cam model first")
-    problems += _output_problems(cfg, stages)
+    problems += output_problems(cfg, stages)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return notes
 
 
-def _output_problems(cfg: PipelineConfig, stages: list[str]) -> list[str]:
+def output_problems(cfg: PipelineConfig, stages: list[str]) -> list[str]:
     """Every folder the stages will write into must be creatable and writable, before any work."""
     from medwsol.io import writable_problem
 

@@ -21,6 +21,8 @@ __all__ = [
     "ensure_writable",
     "read_text_file",
     "read_json_file",
+    "read_csv_table",
+    "decode_text",
 ]
 
 
@@ -227,3 +229,62 @@ def one_reason(err: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its type name when empty), shortened."""
     text = str(err).strip()
     return (text.splitlines()[0][:limit] if text else type(err).__name__)
+
+
+def read_csv_table(
+    path: str | os.PathLike[str],
+    what: str = "CSV file",
+    error: type | None = None,
+    raw: bytes | None = None,
+    empty_fix: str = "add a header line and one row per item",
+):
+    """A UTF-8 CSV file as a pandas DataFrame of strings (empty cells ``""``, column names stripped).
+
+    Every way a table can be unreadable is one line naming the file: missing, a folder, not UTF-8, NUL
+    bytes, empty, a header naming a column twice, rows pandas cannot parse.
+
+    Args:
+        path: the file.
+        what: what it is, for the messages (``"manifest"``, ``"slides.csv"``).
+        error: the ``MedwsolError`` class to raise (default ``DataError``).
+        raw: the file's bytes when already read.
+        empty_fix: the fix for an empty file.
+    """
+    import csv
+    import io as _io
+
+    import pandas as pd
+
+    from medwsol.errors import DataError
+
+    Error = error or DataError  # noqa: N806
+    p = Path(path)
+    if raw is None:
+        try:
+            if not p.is_file():
+                raise Error(f"{p}: {'is a folder, not a ' + what if p.is_dir() else what + ' not found'}; "
+                            "fix: check the path")
+            raw = p.read_bytes()
+        except OSError as err:
+            raise Error(f"{p}: cannot read the {what} ({err.strerror or err}); fix: check the path") from None
+    text = decode_text(raw, p, what, error=Error)
+    if "\x00" in text:
+        raise Error(f"{p}: not a text CSV (it holds NUL bytes); fix: save the {what} as comma-separated UTF-8")
+    try:
+        header = [c.strip() for c in next(csv.reader(_io.StringIO(text)), [])]
+    except csv.Error as err:
+        raise Error(f"{p}: not a readable CSV ({err}); fix: save the {what} as comma-separated UTF-8") from None
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        shown = ", ".join(repr(c[:40]) for c in dup)
+        raise Error(f"{p}: column{'s' if len(dup) > 1 else ''} {shown} repeated in the header; fix: name each "
+                    "column once")
+    try:
+        df = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise Error(f"{p}: the {what} is empty; fix: {empty_fix}") from None
+    except (pd.errors.ParserError, ValueError, csv.Error) as err:
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise Error(f"{p}: not a readable CSV ({msg}); fix: save the {what} as comma-separated UTF-8") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df.fillna("")

@@ -421,18 +421,22 @@ def serving_setup(pkg, slides_cfg, explicit: set[str] | None = None, classes: li
 
 def collect_slides(cfg) -> list[Path]:
     """``slides.inputs`` + the ``slide`` column of ``slides.manifest`` (+ held-out synthetic slides)."""
+    from medwsol.io import read_csv_table
+
     slides = [Path(p) for p in cfg.slides.inputs]
     if cfg.slides.manifest is not None:
         man = Path(cfg.slides.manifest)
-        df = pd.read_csv(man)
+        df = read_csv_table(man, "slides manifest", ConfigError, empty_fix="add a header line 'slide' and one slide "
+                            "path per line")
         if "slide" not in df.columns:
             raise ConfigError(f"{man}: no 'slide' column; fix: add one with slide paths (relative to the CSV)")
-        slides += [(man.parent / str(s)) if not Path(str(s)).is_absolute() else Path(str(s)) for s in df["slide"]]
+        slides += [(man.parent / str(s).strip()) if not Path(str(s).strip()).is_absolute() else Path(str(s).strip())
+                   for s in df["slide"] if str(s).strip()]
     if not slides and cfg.data.source == "slides" and cfg.data.tiles.slides is None:
         cohort = cfg.data.manifest.parent.with_name(cfg.data.manifest.parent.name + "_cohort")
         test_csv = cohort / "test_slides.csv"
         if test_csv.is_file():
-            df = pd.read_csv(test_csv)
+            df = read_csv_table(test_csv, "test_slides.csv", DataError)
             slides += [(test_csv.parent / str(s)) if not Path(str(s)).is_absolute() else Path(str(s))
                        for s in df["slide"]]
     if not slides:

@@ -36,6 +36,7 @@ class Case:
     files: dict[str, bytes | str] = field(default_factory=dict)  # inputs written before the run
     setup: Callable[[Path], None] | None = None
     outputs: tuple[str, ...] = ()  # paths (prefixes) the command may create
+    check: Callable[[Path], None] | None = None  # more to assert afterwards (e.g. the other slides finished)
 
 
 def _tiny_sets(*extra: str) -> list[str]:
@@ -55,6 +56,8 @@ BOMB = "name: x\na: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
 WIDE = "name: x\nbig: &big [" + ",".join(["1"] * 400) + "]\nrefs: [" + ",".join(["*big"] * 60) + "]\n"
 PS = ["prepare", "slides", "--slides", "c/slides.csv", "--annotations", "c/ann", "--config", "slides.yaml",
       "--out", "c/tiles"]
+IN = ["infer", "cohort/slides/s0.tif", "--set", "slides.num_workers=0", "--model", "pkg", "--out", "io"]
+SLIDES_RUN = "runs/demo/20260101-000002"  # a run folder with a finished inference (s0), made by the fixture
 
 
 def _truncated_png(sb: Path) -> None:
@@ -85,6 +88,50 @@ def _cohort_with(mutate: Callable[[Path], None]) -> Callable[[Path], None]:
         mutate(sb / "c")
 
     return make
+
+
+def _package_with(sb: Path, edit, package_json: bytes | None = None, weights: bytes | None | str = "keep") -> None:
+    """``pk/``: a copy of the sandbox's package with package.json edited (digest kept) or its weights changed."""
+    if (sb / "pk").exists():
+        shutil.rmtree(sb / "pk")
+    shutil.copytree(sb / "pkg", sb / "pk")
+    meta_path = sb / "pk" / "package.json"
+    if edit is not None:
+        meta = json.loads(meta_path.read_text())
+        edit(meta)
+        meta_path.write_text(json.dumps(meta))
+    if package_json is not None:
+        meta_path.write_bytes(package_json)
+    if weights != "keep":
+        (wfile,) = [f for f in (sb / "pk").iterdir() if f.name != "package.json"]
+        if weights is None:
+            wfile.unlink()
+        else:
+            wfile.write_bytes(weights)
+
+
+def _good_slide_done(sb: Path) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(sb / "io" / "slides.csv", keep_default_na=False)
+    ok = table[table.status == "ok"]
+    assert len(ok) == 1 and Path(ok.slide.iloc[0]).name == "s0.tif", table.to_string()
+    assert (table.status == "failed").sum() == 1 and table[table.status == "failed"].error.iloc[0]
+
+
+def _failed_with(sb: Path, text: str) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(sb / "io" / "slides.csv", keep_default_na=False)
+    assert (table.status == "failed").all() and text in table.error.iloc[0], table.to_string()
+
+
+def _export_failed_with(sb: Path, text: str) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(sb / SLIDES_RUN / "slides" / "exports.csv", keep_default_na=False)
+    assert table.status.tolist() == ["failed"] and text in table.error.iloc[0], table.to_string()
+    (sb / SLIDES_RUN / "slides" / "exports.csv").unlink()
 
 
 CASES = [
@@ -230,16 +277,67 @@ CASES = [
                    (c / "ann/s0.geojson").unlink()))),
     Case("slides-tissue-read-limit", [*PS, "--set", "data.tiles.max_tissue_read_mpx=0.001"], "Mpx",
          outputs=("c/tiles",), setup=_cohort_with(lambda c: None)),
-    # ---------------------------------------------------------------- infer / export / benchmark
+    # ---------------------------------------------------------------- infer (from a package, or a pipeline's run)
     Case("infer-config-missing", ["infer", "s.tif", "-c", "nope.yaml"], "nope.yaml"),
-    Case("infer-model-missing", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--model", "nope.pt", *OFF],
+    Case("infer-config-model-missing", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--model", "nope.pt", *OFF],
          "nope.pt"),
-    Case("infer-out-under-file", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--out", "p.yaml/o",
-                                  "--model", "real.pt", *OFF], "p.yaml"),
-    Case("infer-rundir-foreign", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--run-dir", "data", *OFF], "data"),
+    Case("infer-config-out-under-file", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--out", "p.yaml/o",
+                                         "--model", "pkg", *OFF], "p.yaml"),
+    Case("infer-config-rundir-foreign", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--run-dir", "data", *OFF],
+         "data"),
+    Case("infer-config-no-run", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--set", "name=fresh", *OFF], "fresh"),
+    Case("infer-no-model", [*IN[:4], "--out", "io"], "--model"),
+    Case("infer-no-out", [*IN[:4], "--model", "pkg"], "--out"),
+    Case("infer-rundir-without-config", [*IN, "--run-dir", FINISHED], "--run-dir"),
+    Case("infer-out-is-file", [*IN[:-2], "--out", "p.yaml"], "p.yaml"),
+    Case("infer-out-under-file", [*IN[:-2], "--out", "p.yaml/o"], "p.yaml"),
+    Case("infer-model-path-missing", [*IN[:4], "--model", "nope", "--out", "io"], "nope"),
+    Case("infer-model-not-a-package", [*IN[:4], "--model", "data", "--out", "io"], "package.json"),
+    Case("infer-model-checkpoint", [*IN[:4], "--model", "real.pt", "--out", "io"], "real.pt"),
+    Case("infer-package-newer-schema", [*IN[:4], "--model", "pk", "--out", "io"], "newer",
+         setup=lambda sb: _package_with(sb, lambda m: m.update(schema_version=99))),
+    Case("infer-package-edited", [*IN[:4], "--model", "pk", "--out", "io"], "digest",
+         setup=lambda sb: _package_with(sb, lambda m: m["input"].update(tile_size=32))),
+    Case("infer-package-not-json", [*IN[:4], "--model", "pk", "--out", "io"], "package.json",
+         setup=lambda sb: _package_with(sb, None, package_json=b"\xff\xfe{")),
+    Case("infer-package-weights-missing", [*IN[:4], "--model", "pk", "--out", "io"], "pk",
+         setup=lambda sb: _package_with(sb, None, weights=None)),
+    Case("infer-package-weights-corrupt", [*IN[:4], "--model", "pk", "--out", "io"], "pk",
+         setup=lambda sb: _package_with(sb, None, weights=b"garbage")),
+    Case("infer-registry-store-missing", [*IN[:4], "--model", "models:/m@champion", "--tracking-uri",
+                                          "sqlite:///nowhere.db", "--out", "io"], "nowhere.db"),
+    Case("infer-registry-unreachable", [*IN[:4], "--model", "models:/m@champion", "--tracking-uri",
+                                        "http://127.0.0.1:9", "--out", "io"], "127.0.0.1:9"),
+    Case("infer-registry-unknown-name", [*IN[:4], "--model", "models:/nosuch@champion", "--tracking-uri",
+                                         "sqlite:///reg.db", "--out", "io"], "models:/nosuch@champion"),
+    Case("infer-classes-conflict", [*IN, "--set", "data.classes=[a,b]"], "data.classes"),
+    Case("infer-score-conflict", [*IN, "--set", "slides.score=weight"], "slides.threshold"),
+    Case("infer-overlap", [*IN, "--set", "slides.overlap=999"], "slides"),
+    Case("infer-set-typo", [*IN, "--set", "slides.tile_sise=3"], "slides.tile_sise"),
+    Case("infer-no-slides", ["infer", "--model", "pkg", "--out", "io"], "slides.inputs"),
+    Case("infer-manifest-missing", ["infer", "--manifest", "nope.csv", "--model", "pkg", "--out", "io"], "nope.csv"),
+    Case("infer-manifest-latin1", ["infer", "--manifest", "im.csv", "--model", "pkg", "--out", "io"], "UTF-8",
+         files={"im.csv": "slide\ncaf\xe9.tif\n".encode("latin-1")}),
+    Case("infer-manifest-empty", ["infer", "--manifest", "im.csv", "--model", "pkg", "--out", "io"], "im.csv",
+         files={"im.csv": ""}),
+    Case("infer-manifest-no-slide-column", ["infer", "--manifest", "im.csv", "--model", "pkg", "--out", "io"], "'slide'",
+         files={"im.csv": "path\na.tif\n"}),
+    # one bad slide among good ones: recorded, the good one finished, exit 2
+    Case("infer-slide-missing", [*IN, "nope.tif"], "slides.csv", outputs=("io",), check=_good_slide_done),
+    Case("infer-slide-not-a-slide", [*IN, "text.tif"], "slides.csv", outputs=("io",), check=_good_slide_done,
+         files={"text.tif": "hello"}),
+    Case("infer-slide-truncated", [*IN, "half.tif"], "slides.csv", outputs=("io",), check=_good_slide_done,
+         setup=lambda sb: (sb / "half.tif").write_bytes((sb / "cohort/slides/s1.tif").read_bytes()[:4000])),
+    Case("infer-slide-too-large-for-its-pyramid", [*IN, "--set", "slides.max_tissue_read_mpx=0.0001"], "slides.csv",
+         outputs=("io",), check=lambda sb: _failed_with(sb, "Mpx")),
+    # ---------------------------------------------------------------- export
     Case("export-no-run", ["export", "p.yaml", "--set", "name=fresh"], "fresh"),
     Case("export-rundir-missing", ["export", "p.yaml", "--run-dir", "nowhere"], "nowhere"),
     Case("export-no-summary", ["export", "p.yaml", *OFF, "--run-dir", FINISHED], "slides.csv"),
+    Case("export-damaged-slide-output", ["export", "p.yaml", *OFF, "--run-dir", SLIDES_RUN], "slides.csv",
+         outputs=(f"{SLIDES_RUN}/slides/exports.csv",),
+         setup=lambda sb: (sb / SLIDES_RUN / "slides" / "s0" / "meta.json").write_bytes(b"\xff{"),
+         check=lambda sb: _export_failed_with(sb, "meta.json")),
     Case("benchmark-method", ["benchmark", "methods", "p.yaml", *T, "--method", "nosuch", "--out", "b.md"], "nosuch"),
     Case("benchmark-out-under-file", ["benchmark", "methods", "p.yaml", *T, "--out", "p.yaml/b.md"], "p.yaml"),
     # ---------------------------------------------------------------- the command line itself
@@ -300,8 +398,48 @@ def sandbox(tmp_path_factory):
     (sb / "slides.yaml").write_text("name: sl\ndata:\n  classes: [normal, tumour]\n  tiles:\n    tile_size: 64\n"
                                     "    mpp: 2.0\n    min_tumour: 0.05\n    tumour_class: tumour\n"
                                     "    normal_class: normal\n")
+    _make_package(sb / "pkg")
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{sb}/reg.db").search_experiments()  # an (empty) registry store that exists
+    _make_slides_run(sb, dump)
     first_image = sorted((sb / "data" / "images").iterdir())[0].name
     return sb, first_image
+
+
+def _make_package(folder: Path) -> None:
+    """An untrained CAM packaged as training would (classes normal/tumour, 64 px tiles at 2 um/px)."""
+    import torch
+
+    from medwsol.methods.base import build_method
+    from medwsol.package import build_package
+
+    torch.manual_seed(0)
+    net = build_method("cam", num_classes=2, output_stride=16).eval()
+    build_package(folder, net.state_dict(), {**net.describe(), "extra_state": net.extra_state()}, ["normal", "tumour"],
+                  "tumour", {"tile_size": 64, "target_mpp": 2.0, "mpp_source": "test"},
+                  {"map_range": None, "map_range_fitted_on": "test", "score": "weight_x_prob",
+                   "positive_class": "tumour", "tau": 0.5, "tau_chosen_on": "test"}, {"run_id": "test"})
+
+
+def _make_slides_run(sb: Path, dump: str) -> None:
+    """A run folder whose inference of s0 finished (for export)."""
+    from medwsol.engine.served import served_from_package
+    from medwsol.config import SlidesConfig
+    from medwsol.engine.infer import infer_cohort
+    from medwsol.io import write_json
+    from medwsol.package import load_package
+    from medwsol.stages import serving_setup
+
+    d = sb / SLIDES_RUN
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(dump)
+    write_json(d / "medwsol_run.json", {"format": "medwsol-run", "version": 1, "pipeline": "demo",
+                                        "stages": {"infer": {"status": "finished"}}})
+    pkg = load_package(sb / "pkg")
+    served, settings = serving_setup(pkg, SlidesConfig(num_workers=0, batch_size=16))
+    infer_cohort(served, [sb / "cohort/slides/s0.tif"], settings, d / "slides", "cpu", progress=False)
+    assert (d / "slides" / "s0" / "meta.json").is_file()
 
 
 def _tree(root: Path) -> set[str]:
@@ -333,7 +471,8 @@ def test_bad_input(case: Case, sandbox, monkeypatch):
         case.setup(sb)
     before, runs_before = _tree(sb), _run_dirs(sb)
     untouched = {rel: (sb / rel).read_bytes() for rel in ("p.yaml", f"{FINISHED}/medwsol_run.json",
-                                                           f"{FINISHED}/config.yaml", "mine/config.yaml")
+                                                           f"{FINISHED}/config.yaml", "mine/config.yaml",
+                                                           "pkg/package.json")
                  if (sb / rel).is_file()}
 
     result = CliRunner().invoke(app, case.args)
@@ -351,6 +490,8 @@ def test_bad_input(case: Case, sandbox, monkeypatch):
     assert _run_dirs(sb) == runs_before
     for rel, data in untouched.items():
         assert (sb / rel).read_bytes() == data, f"{rel} was changed"
+    if case.check is not None:
+        case.check(sb)
     # tidy what the case itself made, for the next one
     for rel in case.files:
         (sb / rel).unlink(missing_ok=True)

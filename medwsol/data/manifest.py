@@ -29,9 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -165,31 +163,12 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_csv(path: Path, raw: bytes | None = None) -> pd.DataFrame:
-    from medwsol.io import decode_text
+    from medwsol.io import read_csv_table
 
     if raw is None:
         raw = _read_bytes(path)
-    text = decode_text(raw, path, "manifest", error=ManifestError)
-    if "\x00" in text:
-        raise ManifestError(f"{path}: not a text CSV (it holds NUL bytes); fix: save it as comma-separated UTF-8")
-    try:
-        header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
-    except csv.Error as err:
-        raise ManifestError(f"{path}: not a readable CSV ({err}); fix: save it as comma-separated UTF-8") from None
-    dup = sorted({c for c in header if header.count(c) > 1})
-    if dup:
-        raise ManifestError(f"{path}: column{'s' if len(dup) > 1 else ''} {', '.join(map(_q, dup))} repeated in the "
-                            "header; fix: name each column once")
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        header = ", ".join(REQUIRED_COLUMNS)
-        raise ManifestError(f"{path}: the manifest is empty; fix: add a header line {header}") from None
-    except (pd.errors.ParserError, ValueError, csv.Error) as err:
-        msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ManifestError(f"{path}: not a readable CSV ({msg}); fix: save it as comma-separated UTF-8") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.fillna("")
+    df = read_csv_table(path, "manifest", ManifestError, raw=raw,
+                        empty_fix=f"add a header line {', '.join(REQUIRED_COLUMNS)}")
     return df.apply(lambda col: col.astype(str).str.strip()) if len(df) else df
 
 

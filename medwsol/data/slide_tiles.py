@@ -187,7 +187,7 @@ def read_slides_csv(
         ``group``, ``split`` ("" when not given), ``annotations`` (Path or None) and ``problem``
         ("" when the slide's files are there).
     """
-    from medwsol.io import decode_text
+    from medwsol.io import read_csv_table
 
     path = Path(slides_csv)
     if not path.is_file():
@@ -196,15 +196,8 @@ def read_slides_csv(
         if c not in classes:
             raise DataError(f"{path}: tiles class {c!r} is not in data.classes {list(classes)}; "
                             "fix: set data.tiles.tumour_class/normal_class to classes listed there")
-    import io
-
-    text = decode_text(path.read_bytes(), path, "slides.csv")
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{path}: not a readable CSV ({reason}); fix: columns slide,label[,group,split]") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_csv_table(path, "slides.csv", DataError, empty_fix="add a header line slide,label[,group,split] and "
+                        "one row per slide")
     missing = [c for c in ("slide", "label") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: columns {missing} missing; fix: give at least slide,label (group, split optional)")
