@@ -506,3 +506,22 @@ def test_corpus_covers_every_command():
                 "prepare synthetic-slide", "prepare glas", "prepare slides", "benchmark methods"}
     assert expected <= commands, expected - commands
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_quotes_spaces_and_accents_in_paths_are_just_names(sandbox, monkeypatch):
+    """Not a bad input: a slide and an output folder whose names hold a quote, a space and an accent."""
+    import pandas as pd
+
+    sb, _ = sandbox
+    monkeypatch.chdir(sb)
+    slide, out = sb / "q'x y \u00e9.tif", sb / "o'ut \u00e9"
+    shutil.copy(sb / "cohort/slides/s1.tif", slide)
+    try:
+        result = CliRunner().invoke(app, ["infer", slide.name, "--set", "slides.num_workers=0", "--model", "pkg",
+                                          "--out", out.name, "--no-export"])
+        assert result.exit_code == 0, result.stderr[-2000:]
+        table = pd.read_csv(out / "slides.csv", keep_default_na=False)
+        assert table.status.tolist() == ["ok"] and Path(table.slide[0]).name == slide.name
+    finally:
+        slide.unlink(missing_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
