@@ -76,10 +76,10 @@ def preflight(cfg: PipelineConfig, stages: list[str], model_ref: str | None = No
 
             read_package_meta(path if is_package_dir(path) or not is_package_dir(path / "package")
                               else path / "package")
-        else:
-            from medwsol.checkpoint import read_checkpoint
+        else:  # a checkpoint: read and built (a foreign or damaged description fails here, naming the file)
+            from medwsol.checkpoint import model_from_checkpoint, read_checkpoint
 
-            read_checkpoint(path)
+            model_from_checkpoint(read_checkpoint(path), source=model_ref)
 
 
 # -- stages ------------------------------------------------------------------------------------

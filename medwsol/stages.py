@@ -181,7 +181,7 @@ def _run_network(ctx, device):
 
     ref = ctx.model_ref
     if ref is not None and Path(ref).suffix in (".pt", ".pth", ".ckpt") and not ref.startswith(("models:/", "runs:/")):
-        net = model_from_checkpoint(read_checkpoint(ref))  # a bare checkpoint: calibrated here, like a fresh one
+        net = model_from_checkpoint(read_checkpoint(ref), source=ref)  # a bare checkpoint: calibrated here
         net.classes = list(ctx.cfg.data.classes)
         return net.to(device), None
     if ref is not None:
@@ -196,7 +196,7 @@ def _run_network(ctx, device):
     best = ctx.run_dir / "checkpoints" / "best.pt"
     if not best.is_file():
         raise CheckpointError(f"{best}: no trained model in this run; fix: run the train stage or pass --model")
-    net = model_from_checkpoint(read_checkpoint(best))
+    net = model_from_checkpoint(read_checkpoint(best), source=str(best))
     net.classes = list(ctx.cfg.data.classes)
     return net.to(device), None
 
@@ -319,7 +319,7 @@ def package_run(ctx) -> Path | None:
     calibration = ctx.results.get("calibration")
     if calibration is None:
         device = select_device(cfg.train.device)
-        network = model_from_checkpoint(ck).to(device)
+        network = model_from_checkpoint(ck, source=str(rd / "checkpoints" / "best.pt")).to(device)
         network.classes = list(cfg.data.classes)
         df = load_manifest(cfg.data.manifest, list(cfg.data.classes))
         calibration = calibrate(network, cfg, df, device, cfg.slides.score, _positive_class(cfg))

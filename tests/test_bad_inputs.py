@@ -228,6 +228,15 @@ CASES = [
          setup=lambda sb: (sb / "half.pt").write_bytes((sb / "real.pt").read_bytes()[:-200])),
     Case("model-tensor", ["evaluate", "p.yaml", *T, "--model", "w.pth"], "w.pth",
          setup=_torch_save("torch.zeros(2)", "w.pth")),
+    Case("model-description-not-numbers", ["evaluate", "p.yaml", *T, "--model", "f.pt"], "f.pt",
+         setup=_torch_save("{'format': 'medwsol-checkpoint', 'model': {'method': 'cam', 'num_classes': 'two'}}",
+                           "f.pt")),
+    Case("model-description-unknown-method", ["evaluate", "p.yaml", *T, "--model", "f.pt"], "f.pt",
+         setup=_torch_save("{'format': 'medwsol-checkpoint', 'model': {'method': 'nosuch', 'num_classes': 2}}",
+                           "f.pt")),
+    Case("model-weights-not-a-dict", ["evaluate", "p.yaml", *T, "--model", "f.pt"], "f.pt",
+         setup=_torch_save("{'format': 'medwsol-checkpoint', 'model': {'method': 'cam', 'num_classes': 2}, "
+                           "'state_dict': [1, 2]}", "f.pt")),
     # ---------------------------------------------------------------- prepare synthetic / synthetic-slide / glas
     Case("synthetic-out-under-file", ["prepare", "synthetic", "--out", "p.yaml/x"], "p.yaml"),
     Case("synthetic-out-is-file", ["prepare", "synthetic", "--out", "p.yaml"], "p.yaml"),
