@@ -18,7 +18,7 @@ from medwsol import stages as stage_impl
 from medwsol.config import STAGES, PipelineConfig, flatten
 from medwsol.errors import ConfigError
 from medwsol.io import write_text
-from medwsol.rundir import RunSession, latest_run_dir, resolve_run_dir
+from medwsol.rundir import RunSession, latest_run_dir, read_marker, resolve_run_dir
 
 __all__ = ["RunContext", "run_pipeline", "preflight", "resolve_run_dir", "latest_run_dir", "STAGE_FUNCS"]
 
@@ -170,6 +170,14 @@ def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, pac
                     session.mark("package", "running")
                     stage_impl.package_run(ctx)
                     session.mark("package", "finished")
+            n_failed = int(ctx.results.get("failed_slides") or 0)
+            if n_failed:  # a cohort with failed slides is a failed invocation: the session tidies as for any error
+                from medwsol.errors import SlideError
+
+                _print_where(ctx, console)
+                raise SlideError(f"{n_failed} slide(s) failed (the others finished); see "
+                                 f"{ctx.slides_dir / 'slides.csv'} for each error; fix: correct or remove those slides "
+                                 "and re-run (finished ones are skipped)")
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -178,16 +186,12 @@ def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, pac
         if own_tracker:
             tracker.close(status)
         if status != "FINISHED" and is_new and rd.is_dir():
-            resume = " --resume" if (rd / "checkpoints" / "last.pt").is_file() else ""
-            console.print(f"[yellow]note:[/] kept {rd}: it holds work a re-run continues (a training's last "
-                          f"checkpoint, or finished slides); continue with --run-dir {rd}{resume}")
+            train = (read_marker(rd) or {}).get("stages", {}).get("train") or {}
+            resume = (" --resume" if (rd / "checkpoints" / "last.pt").is_file() and train.get("status") != "finished"
+                      else "")
+            console.print(f"[yellow]note:[/] kept {rd}: it holds work a re-run continues (a training, finished "
+                          f"slides); continue with --run-dir {rd}{resume}")
     _print_where(ctx, console)
-    n_failed = int(ctx.results.get("failed_slides") or 0)
-    if n_failed:
-        from medwsol.errors import SlideError
-
-        raise SlideError(f"{n_failed} slide(s) failed (the others finished); see {ctx.slides_dir / 'slides.csv'} "
-                         "for each error; fix: correct or remove those slides and re-run (finished ones are skipped)")
     return ctx
 
 
