@@ -123,14 +123,25 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+#: An interrupt raised but not seen leaving the command this many seconds later was swallowed (CPython
+#: reports an exception raised inside a finaliser or a C callback as "Exception ignored" and goes on,
+#: and some libraries catch everything): it is raised again.
+REARM_SECONDS = 10.0
+
+
 @contextlib.contextmanager
 def _signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM (what ``timeout``, SLURM and Kubernetes send) raises ``Terminated`` in the main thread.
+    """Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM (what ``timeout``, SLURM and Kubernetes send)
+    ``Terminated`` in the main thread, and neither can be lost.
 
     ``Terminated`` is a ``KeyboardInterrupt``, so the clean-up written for Ctrl-C runs for it:
     temporary files and folders are removed, the run folder is tidied and the MLflow run is marked
-    KILLED. A second SIGTERM during that clean-up is ignored. Forked workers (DataLoader) that
-    inherit the handler die the default way. The previous handler is restored on the way out.
+    KILLED. A signal arriving while Python runs a finaliser is swallowed by the interpreter; an
+    interval timer raises the interrupt again ``REARM_SECONDS`` later unless it has reached the
+    clean-up by then (:func:`medwsol.errors.interrupt_reached_cleanup` disarms it). A second SIGTERM
+    during the clean-up is ignored; a second Ctrl-C interrupts again. Forked workers (DataLoader)
+    that inherit the handlers behave as Python's defaults do. The previous handlers are restored on
+    the way out.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -138,20 +149,36 @@ def _signals_as_interrupts() -> Iterator[None]:
     from medwsol.errors import Terminated
 
     pid = os.getpid()
+    pending: list[int] = []  # the signal whose interrupt is on its way out
+
+    def interrupt(signum: int):
+        pending[:] = [signum]
+        signal.setitimer(signal.ITIMER_REAL, REARM_SECONDS)
+        raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def on_signal(signum, frame):  # noqa: ARG001
         if os.getpid() != pid:  # a forked worker
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        signal.signal(signum, signal.SIG_IGN)
-        raise Terminated(signum)
+        if signum == signal.SIGTERM and pending:
+            return  # already stopping: let the clean-up finish
+        interrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    def on_alarm(signum, frame):  # noqa: ARG001
+        if pending and os.getpid() == pid:
+            interrupt(pending[0])  # the first one was swallowed somewhere
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _settle_threads(timeout: float = 5.0) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "TrainingError",
     "NotAvailableError",
     "Terminated",
+    "interrupt_reached_cleanup",
     "user_error",
     "one_line",
 ]
@@ -92,6 +93,16 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int = 15) -> None:
         super().__init__(signum)
         self.signum = int(signum)
+
+
+def interrupt_reached_cleanup() -> None:
+    """Called by clean-up code that an interrupt (Ctrl-C, SIGTERM) has reached: the CLI's timer that
+    raises a swallowed interrupt again is disarmed, so a long clean-up is not interrupted itself."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 _WORKER_ERROR = re.compile(r"medwsol\.errors\.(\w+): ")

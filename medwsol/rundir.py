@@ -368,6 +368,10 @@ class RunSession:
             if self.aside is not None:
                 shutil.rmtree(self.aside, ignore_errors=True)
             return
+        if issubclass(exc_type, KeyboardInterrupt):
+            from medwsol.errors import interrupt_reached_cleanup
+
+            interrupt_reached_cleanup()
         # the failed stage is recorded where the invocation left work to continue (a newer
         # checkpoints/last.pt, more finished slides); otherwise an existing run's marker is put back
         # (with --overwrite a failure always puts the previous training back, so nothing new is kept)

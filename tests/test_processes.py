@@ -146,3 +146,25 @@ def test_a_failure_while_caching_the_dataset_exits_2_not_an_abort(trainable):
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and first.split("/")[-1] in lines[0] and "cannot decode" in lines[0]
     assert not (root / "runs").exists()
+
+
+@pytest.mark.parametrize("sig, exc", [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt")])
+def test_a_swallowed_interrupt_is_raised_again(monkeypatch, sig, exc):
+    """CPython drops an interrupt raised inside a finaliser ('Exception ignored'); some libraries catch
+    everything. The CLI raises it again a little later, so a single SIGTERM always stops the command."""
+    from medwsol import cli
+    from medwsol.errors import Terminated
+
+    monkeypatch.setattr(cli, "REARM_SECONDS", 0.3)
+    expected = Terminated if exc == "Terminated" else KeyboardInterrupt
+    swallowed = []
+    with pytest.raises(expected):
+        with cli._signals_as_interrupts():
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)
+            except KeyboardInterrupt as err:  # what a catch-all library would do
+                swallowed.append(err)
+            time.sleep(5)  # without the timer, this command would run on
+    assert len(swallowed) == 1
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
