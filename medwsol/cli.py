@@ -390,8 +390,9 @@ def _usage(msg: str):
 def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[str], classes, export: bool) -> None:
     """``medwsol infer`` with no pipeline: the package decides; outputs in ``slides.out_dir``."""
     from medwsol.engine.runtime import select_device
-    from medwsol.errors import DataError, SlideError
-    from medwsol.stages import collect_slides, export_slides, infer_from_package, resolve_package, serving_setup
+    from medwsol.errors import DataError
+    from medwsol.stages import (cohort_error, collect_slides, export_slides, infer_from_package, resolve_package,
+                                serving_setup)
 
     out = Path(slides_cfg.out_dir)
     _check_out(out)  # before any slide is read or any model downloaded
@@ -405,13 +406,12 @@ def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[
         raise DataError(f"--out {out}: cannot create the folder ({err.strerror}); fix: choose a writable folder") from None
     device = select_device(cfg.train.device)
     df = infer_from_package(pkg, slide_list, settings, out, device, amp=cfg.train.amp, served=served)
-    failed = int((df.status == "failed").sum())
+    tables = [(df, out / "slides.csv")]
     if export:
-        ex = export_slides(df, out, cfg.export, cfg.data.tiles.annotations)
-        failed += int((ex.status == "failed").sum()) if len(ex) else 0
-    if failed:
-        raise SlideError(f"{failed} slide(s) failed (the others finished); see {out / 'slides.csv'} for each error; "
-                         "fix: correct or remove those slides and re-run (finished ones are skipped)")
+        tables.append((export_slides(df, out, cfg.export, cfg.data.tiles.annotations), out / "exports.csv"))
+    failed = cohort_error(tables)
+    if failed is not None:
+        raise failed
 
 
 @app.command()

@@ -147,6 +147,7 @@ def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, pac
     # the evaluate that follows it), before infer/export, which load it
     model_stages = [s for s in stages if s in ("train", "evaluate")]
     package_after = model_stages[-1] if package and "train" in stages else None
+    cohort: list[Any] = []  # the infer/export tables: a failed slide makes the invocation fail
     try:
         with RunSession(rd, is_new, cfg.name, yaml.safe_dump(dump, sort_keys=False), overwrite=overwrite) as session:
             if own_tracker and tracker.run_id:
@@ -158,7 +159,9 @@ def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, pac
                 t0 = time.perf_counter()
                 console.rule(f"[bold]{s}")
                 session.mark(s, "running")
-                STAGE_FUNCS[s](ctx)
+                out = STAGE_FUNCS[s](ctx)
+                if s in ("infer", "export"):
+                    cohort.append((out, ctx.slides_dir / ("slides.csv" if s == "infer" else "exports.csv")))
                 dt = time.perf_counter() - t0
                 result = ctx.results.get(s)
                 stopped = s == "train" and isinstance(result, dict) and "stopped_after" in result
@@ -170,14 +173,10 @@ def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, pac
                     session.mark("package", "running")
                     stage_impl.package_run(ctx)
                     session.mark("package", "finished")
-            n_failed = int(ctx.results.get("failed_slides") or 0)
-            if n_failed:  # a cohort with failed slides is a failed invocation: the session tidies as for any error
-                from medwsol.errors import SlideError
-
+            failed = stage_impl.cohort_error(cohort)
+            if failed is not None:  # a cohort with failed slides is a failed invocation: tidied as for any error
                 _print_where(ctx, console)
-                raise SlideError(f"{n_failed} slide(s) failed (the others finished); see "
-                                 f"{ctx.slides_dir / 'slides.csv'} for each error; fix: correct or remove those slides "
-                                 "and re-run (finished ones are skipped)")
+                raise failed
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

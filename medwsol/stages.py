@@ -41,6 +41,7 @@ __all__ = [
     "export_slides",
     "score_slide",
     "model_card",
+    "cohort_error",
 ]
 
 #: Where a run keeps its model package.
@@ -605,3 +606,19 @@ def stage_export(ctx) -> pd.DataFrame:
     ctx.results["failed_slides"] = ctx.results.get("failed_slides", 0) + n_failed
     ctx.tracker.log_artifact(summary_csv, "slides")
     return out
+
+
+def cohort_error(tables) -> SlideError | None:
+    """The one-line error of a cohort whose slides failed (None when none did): how many, the first, where.
+
+    Args:
+        tables: ``(table, csv path)`` pairs: the infer summary (``slides.csv``), the exports (``exports.csv``).
+    """
+    failed = [(r, path) for t, path in tables if t is not None and len(t) and "status" in t.columns
+              for _, r in t[t.status == "failed"].iterrows()]
+    if not failed:
+        return None
+    first = str(failed[0][0].get("error", "") or "").split("; fix:")[0].strip()
+    where = " and ".join(dict.fromkeys(str(path) for _, path in failed))
+    return SlideError(f"{len(failed)} slide(s) failed (the others finished); first: {first}; see {where} for each "
+                      "error; fix: correct or remove those slides and re-run (finished ones are skipped)")
