@@ -117,8 +117,20 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
         METHODS.check(n)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = cfg.run_root / f"{cfg.name}-benchmark" / stamp
-    root.mkdir(parents=True, exist_ok=True)
+    from medwsol.io import ensure_writable
+
+    ensure_writable(root, "run_root", fix="set run_root to a writable folder")
+    if "prepare" not in cfg.stages:
+        from medwsol.pipeline import preflight
+
+        preflight(cfg, ["train", "evaluate"])
     parent = make_tracker(cfg.tracking, run_name=f"benchmark/{cfg.name}/{stamp}")
+    made = [q for q in (root.parent, root) if not q.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        parent.close("FAILED")
+        raise
     parent.set_tags({"benchmark": "methods", "pipeline": cfg.name})
     split = cfg.evaluate.splits[0]
     rows: list[dict[str, Any]] = []
@@ -140,7 +152,8 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
             if train_name not in trained:
                 console.rule(f"[bold]benchmark: {train_name}")
                 t0 = time.perf_counter()
-                run_pipeline(mcfg, config_path, run_dir=run_dir, stages=["train"], tracker=child, package=False)
+                run_pipeline(mcfg, config_path, run_dir=run_dir, stages=["train"], tracker=child, package=False,
+                             create_run_dir=True)
                 trained[train_name] = (run_dir / "checkpoints" / "best.pt", time.perf_counter() - t0)
             ckpt, secs = trained[train_name]
             device = select_device(cfg.train.device)
@@ -184,8 +197,20 @@ def run_methods_benchmark(cfg: PipelineConfig, config_path: Path | None = None, 
                     + f"; measured {time.strftime('%Y-%m-%d')} on {_machine()}.")
             _update_markdown(out_md, cfg.name, desc + "\n\n" + table)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         parent.close(status)
+        if status != "FINISHED":  # a benchmark is not resumable: a failed one leaves no folder
+            import contextlib
+            import shutil
+
+            if root in made:
+                shutil.rmtree(root, ignore_errors=True)
+            if root.parent in made:
+                with contextlib.suppress(OSError):
+                    root.parent.rmdir()
     Console().print(table)
     return rows
 

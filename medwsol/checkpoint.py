@@ -50,33 +50,51 @@ def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any] | str | Path, map_location: str = "cpu"):
-    """Rebuild the ``WSOLMethod`` stored in a checkpoint, weights loaded, in eval mode."""
+def model_from_checkpoint(ckpt: dict[str, Any] | str | Path, map_location: str = "cpu", source: str | None = None):
+    """Rebuild the ``WSOLMethod`` stored in a checkpoint, weights loaded, in eval mode.
+
+    Args:
+        ckpt: a checkpoint path, or a dict from :func:`read_checkpoint`.
+        map_location: where tensors go.
+        source: the file the dict was read from (named in errors).
+
+    Raises:
+        CheckpointError: one line naming the file: a model description that is missing or not usable
+            (unknown method, non-numeric sizes), or weights that do not fit it.
+    """
+    from medwsol.errors import RegistryError
     from medwsol.methods.base import build_method
 
     if not isinstance(ckpt, dict):
         src = str(ckpt)
         ckpt = read_checkpoint(ckpt, map_location=map_location)
     else:
-        src = "<checkpoint>"
-    desc = ckpt.get("model") or {}
+        src = source or "<checkpoint>"
+    desc = ckpt.get("model")
+    if not isinstance(desc, dict) or "method" not in desc or "num_classes" not in desc:
+        raise CheckpointError(f"{src}: the checkpoint has no model description (method, num_classes); fix: use a "
+                              "checkpoint written by medwsol")
     try:
         model = build_method(
-            desc["method"],
+            str(desc["method"]),
             num_classes=int(desc["num_classes"]),
-            backbone=desc.get("backbone", "resnet18"),
+            backbone=str(desc.get("backbone", "resnet18")),
             pretrained=None,
             output_stride=int(desc.get("output_stride", 16)),
             params=desc.get("params") or {},
         )
-    except KeyError as err:
-        raise CheckpointError(f"{src}: checkpoint lacks model description key {err}; fix: use a medwsol checkpoint") from None
+    except RegistryError as err:
+        raise CheckpointError(f"{src}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{src}: the checkpoint's model description is not usable ({type(err).__name__}: "
+                              f"{first}); fix: use a checkpoint written by medwsol") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0][:200]
+        model.load_extra_state(ckpt.get("extra_state") or {})
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{src}: weights do not match {desc.get('method')}/{desc.get('backbone')} ({first}); "
                               "fix: use the checkpoint of the same method and backbone") from None
-    model.load_extra_state(ckpt.get("extra_state") or {})
     model.eval()
     return model

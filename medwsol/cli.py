@@ -1,24 +1,75 @@
 """The ``medwsol`` command line (Typer). Heavy imports live inside the commands.
 
-Known errors (``MedwsolError``) become one red line on stderr and exit code 2.
+The error contract (docs/errors.md): a user error (``MedwsolError``, an unusable file or folder, a
+bad option) is one red line ``error: <file or key>: <what>; fix: <how>`` on stderr and exit code 2;
+Ctrl-C exits with 130 and SIGTERM with 143 after the same clean-up; anything else is a bug: one
+line, exit code 1, and the traceback only with ``MEDWSOL_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 __all__ = ["app", "main"]
 
 F = TypeVar("F", bound=Callable)
 
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """An exception class of click, from typer's vendored copy (typer >= 0.20) and/or click itself."""
+    found = []
+    for mod in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(__import__(mod, fromlist=[name]), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_CLICK_ERROR = _click_classes("ClickException")
+_NO_ARGS_HELP = _click_classes("NoArgsIsHelpError")
+_ABORT = _click_classes("Abort")
+_EXIT = _click_classes("Exit") + (typer.Exit,)
+
+
+class _OneLineErrors(TyperGroup):
+    """The top-level group: a usage error (unknown option, bad value) is one ``error:`` line too."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any):  # type: ignore[override]
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except _NO_ARGS_HELP as err:
+            err.show()
+            rv = err.exit_code
+        except _CLICK_ERROR as err:
+            cmd = err.ctx.command_path if getattr(err, "ctx", None) is not None else "medwsol"
+            msg = " ".join(err.format_message().split()).rstrip(".")
+            _print_error(f"{cmd}: {msg}; fix: see `{cmd} --help`")
+            rv = err.exit_code
+        except _ABORT:
+            _print_error("aborted")
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="medwsol",
+    cls=_OneLineErrors,
     help="Weakly-supervised object localization for histology: prepare, train, evaluate, infer, export.",
     no_args_is_help=True,
     add_completion=False,
@@ -53,32 +104,148 @@ def _root(
 
 
 SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
-RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: new for prepare/train/run, latest otherwise).")
+RunDirOpt = typer.Option(
+    None, "--run-dir",
+    help="An existing run folder of this pipeline (default: a new one for prepare/train/run, else the latest run "
+    "that has what the stage needs).")
+OverwriteOpt = typer.Option(
+    False, "--overwrite",
+    help="With --run-dir: retrain a run that already has a training (its previous training, evaluation and slide "
+    "outputs are replaced; they come back if this invocation fails).")
+
+
+def _print_error(msg: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}", markup=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {msg}", markup=True)
+    _print_error(msg)
     raise typer.Exit(code)
 
 
+#: An interrupt raised but not seen leaving the command this many seconds later was swallowed (CPython
+#: reports an exception raised inside a finaliser or a C callback as "Exception ignored" and goes on,
+#: and some libraries catch everything): it is raised again.
+REARM_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM (what ``timeout``, SLURM and Kubernetes send)
+    ``Terminated`` in the main thread, and neither can be lost.
+
+    ``Terminated`` is a ``KeyboardInterrupt``, so the clean-up written for Ctrl-C runs for it:
+    temporary files and folders are removed, the run folder is tidied and the MLflow run is marked
+    KILLED. A signal arriving while Python runs a finaliser is swallowed by the interpreter; an
+    interval timer raises the interrupt again ``REARM_SECONDS`` later unless it has reached the
+    clean-up by then (:func:`medwsol.errors.interrupt_reached_cleanup` disarms it). A second SIGTERM
+    during the clean-up is ignored; a second Ctrl-C interrupts again. Forked workers (DataLoader)
+    that inherit the handlers behave as Python's defaults do. The previous handlers are restored on
+    the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from medwsol.errors import Terminated
+
+    pid = os.getpid()
+    pending: list[int] = []  # the signal whose interrupt is on its way out
+
+    def interrupt(signum: int):
+        pending[:] = [signum]
+        signal.setitimer(signal.ITIMER_REAL, REARM_SECONDS)
+        raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if os.getpid() != pid:  # a forked worker
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if signum == signal.SIGTERM and pending:
+            return  # already stopping: let the clean-up finish
+        interrupt(signum)
+
+    def on_alarm(signum, frame):  # noqa: ARG001
+        if pending and os.getpid() == pid:
+            interrupt(pending[0])  # the first one was swallowed somewhere
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _settle_threads(timeout: float = 5.0) -> None:
+    """Give worker threads still busy with the failed work (MONAI's caching ThreadPool, loaders) a moment to end.
+
+    Leaving the interpreter while such a daemon thread is inside torch's C++ code aborts the process
+    ('terminate called without an active exception', exit 134) after the error line was printed.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is threading.current_thread() or not t.daemon or not t.is_alive():
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
 def handle_errors(fn: F) -> F:
-    """Turn known errors into one red line and exit code 2 (no traceback)."""
+    """Turn errors into one red line and an exit code (2 user error, 130/143 signal, 1 bug); no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from medwsol.errors import MedwsolError
+        from medwsol.errors import Terminated, one_line, user_error
 
         try:
-            return fn(*args, **kwargs)
-        except MedwsolError as err:
-            rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
-            _fail(("" if rank in (None, "0") else f"rank {rank}: ") + str(err).replace("\n", " "))
+            try:
+                with _signals_as_interrupts():
+                    return fn(*args, **kwargs)
+            except (*_EXIT, SystemExit):
+                raise
+            except BaseException:
+                _settle_threads()
+                raise
+        except (*_EXIT, SystemExit):
+            raise
+        except Terminated as err:
+            _fail("terminated (SIGTERM); outputs written so far are complete, partial ones were discarded",
+                  code=128 + err.signum)
         except KeyboardInterrupt:
             _fail("interrupted; outputs written so far are complete, partial ones were discarded", code=130)
+        except Exception as err:  # noqa: BLE001 - the one place where every error becomes one line
+            found = user_error(err)
+            if found is not None:  # under DDP, ranks other than 0 say which they are
+                rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
+                _fail(("" if rank in (None, "0") else f"rank {rank}: ") + one_line(found))
+            if isinstance(err, OSError):
+                where = err.filename if err.filename is not None else "a file"
+                _fail(f"{where}: {err.strerror or one_line(err)}; fix: check the path, its permissions and the "
+                      "free disk space")
+            if isinstance(err, MemoryError):
+                _fail("out of memory; fix: lower the batch size, the tile size or the number of workers")
+            if os.environ.get("MEDWSOL_DEBUG"):
+                raise
+            _fail(f"internal error ({type(err).__name__}: {one_line(err, 300)}); this is a bug, please report it "
+                  "with the command; fix: MEDWSOL_DEBUG=1 shows the traceback", code=1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_out(path: Path, label: str = "--out", kind: str = "dir") -> None:
+    """An output location given on the command line must be writable before any work starts."""
+    from medwsol.io import ensure_writable
+
+    ensure_writable(path, label, kind, fix=f"choose another {label}")
 
 
 def _load(config: Path, overrides: list[str] | None, stages: list[str] | None = None):
@@ -109,12 +276,13 @@ def run(
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue training from the run's last checkpoint."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Run the stages the YAML lists, in order, into one run directory."""
     from medwsol.pipeline import run_pipeline
 
     cfg = _load(config, overrides)
-    run_pipeline(cfg, config_path=config, run_dir=run_dir, resume=resume)
+    run_pipeline(cfg, config_path=config, run_dir=run_dir, resume=resume, overwrite=overwrite)
 
 
 def _stage(stage: str, config: Path, overrides, run_dir, **kw) -> None:
@@ -130,7 +298,9 @@ def train(
     config: Path = typer.Argument(...),
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = RunDirOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from <run-dir>/checkpoints/last.pt."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from <run-dir>/checkpoints/last.pt (default: the latest resumable run)."),
+    overwrite: bool = OverwriteOpt,
     nproc: Optional[int] = typer.Option(
         None, "--nproc", min=1, help="Data-parallel training in N processes on this machine (DDP: gloo on CPU, "
         "nccl with one GPU each); data.batch_size is the global batch. Several machines: run this command under "
@@ -145,15 +315,15 @@ def train(
         from medwsol.pipeline import run_distributed_train
 
         run_distributed_train(_load(config, overrides, stages=["train"]), config_path=config, run_dir=run_dir,
-                              resume=resume)
+                              resume=resume, overwrite=overwrite)
         return
     if nproc is not None and nproc > 1:
-        _launch_train(config, overrides, run_dir, resume, nproc)
+        _launch_train(config, overrides, run_dir, resume, nproc, overwrite)
         return
-    _stage("train", config, overrides, run_dir, resume=resume)
+    _stage("train", config, overrides, run_dir, resume=resume, overwrite=overwrite)
 
 
-def _launch_train(config: Path, overrides, run_dir, resume: bool, nproc: int) -> None:
+def _launch_train(config: Path, overrides, run_dir, resume: bool, nproc: int, overwrite: bool = False) -> None:
     """Check what can be checked here, then start ``nproc`` ranks with torch's elastic agent."""
     cfg = _load(config, overrides, stages=["train"])
     from medwsol.engine.distributed import launch, max_procs
@@ -171,6 +341,8 @@ def _launch_train(config: Path, overrides, run_dir, resume: bool, nproc: int) ->
         argv += ["--run-dir", str(run_dir)]
     if resume:
         argv.append("--resume")
+    if overwrite:
+        argv.append("--overwrite")
     threads = cfg.train.threads or max(1, max_procs("cpu")[0] // nproc)
     code = launch(argv, nproc, threads=threads)
     if code:
@@ -288,12 +460,12 @@ def _usage(msg: str):
 def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[str], classes, export: bool) -> None:
     """``medwsol infer`` with no pipeline: the package decides; outputs in ``slides.out_dir``."""
     from medwsol.engine.runtime import select_device
-    from medwsol.errors import DataError, SlideError
-    from medwsol.stages import collect_slides, export_slides, infer_from_package, resolve_package, serving_setup
+    from medwsol.errors import DataError
+    from medwsol.stages import (cohort_error, collect_slides, export_slides, infer_from_package, resolve_package,
+                                serving_setup)
 
     out = Path(slides_cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: is a file, not a folder; fix: pass a folder")
+    _check_out(out)  # before any slide is read or any model downloaded
     cfg.slides = slides_cfg
     slide_list = collect_slides(cfg)
     pkg = resolve_package(model, tracking_uri)
@@ -307,13 +479,12 @@ def _infer_direct(cfg, model: str, tracking_uri: str, slides_cfg, explicit: set[
         raise DataError(f"--out {out}: cannot create the folder ({err.strerror}); fix: choose a writable folder") from None
     device = select_device(cfg.train.device)
     df = infer_from_package(pkg, slide_list, settings, out, device, amp=cfg.train.amp, served=served)
-    failed = int((df.status == "failed").sum())
+    tables = [(df, out / "slides.csv")]
     if export:
-        ex = export_slides(df, out, cfg.export, cfg.data.tiles.annotations)
-        failed += int((ex.status == "failed").sum()) if len(ex) else 0
-    if failed:
-        raise SlideError(f"{failed} slide(s) failed (the others finished); see {out / 'slides.csv'} for each error; "
-                         "fix: correct or remove those slides and re-run (finished ones are skipped)")
+        tables.append((export_slides(df, out, cfg.export, cfg.data.tiles.annotations), out / "exports.csv"))
+    failed = cohort_error(tables)
+    if failed is not None:
+        raise failed
 
 
 @app.command()
@@ -349,6 +520,7 @@ def prepare_synthetic(
     """Write the seeded synthetic H&E gland dataset with masks and a manifest."""
     from medwsol.data.synthetic import make_synthetic_dataset
 
+    _check_out(out)
     manifest = make_synthetic_dataset(out, n_images=n_images, size=size, seed=seed)
     typer.echo(f"wrote {manifest}")
 
@@ -366,6 +538,11 @@ def prepare_synthetic_slide(
     """Write a pyramidal tiled TIFF slide with tumour regions and their ground truth."""
     from medwsol.data.synthetic_slide import make_synthetic_slide
 
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        from medwsol.errors import ConfigError
+
+        raise ConfigError(f"--out {str(out)!r}: a synthetic slide is a pyramidal TIFF; fix: end the name in .tif")
+    _check_out(out, kind="file")
     paths = make_synthetic_slide(out, width=width, height=height, mpp=mpp, seed=seed, tumour=tumour, progress=True)
     for k, v in paths.items():
         if isinstance(v, (str, Path)):
@@ -381,6 +558,7 @@ def prepare_glas_cmd(
     """Import the GlaS (Warwick-QU) release with the published split."""
     from medwsol.data.glas import prepare_glas
 
+    _check_out(out, kind="file")
     typer.echo(f"wrote {prepare_glas(root, out)}")
 
 
@@ -402,6 +580,15 @@ def prepare_slides_cmd(
     else:
         cfg = parse_config(apply_overrides({"name": "slides"}, overrides), "--set")
     assert isinstance(cfg, PipelineConfig)
+    from medwsol.errors import ConfigError
+
+    if not slides.is_file():
+        raise ConfigError(f"--slides {str(slides)!r}: file not found; fix: give slides.csv (columns slide, label[, "
+                          "group, split])")
+    if not annotations.is_dir():
+        raise ConfigError(f"--annotations {str(annotations)!r}: folder not found; fix: give the folder of "
+                          "<slide stem>.geojson files")
+    _check_out(out)
     manifest = prepare_slide_tiles(slides, annotations, out, cfg.data.tiles, cfg.data.classes, cfg.seed)
     typer.echo(f"wrote {manifest}")
 
@@ -474,6 +661,16 @@ def benchmark_methods(
     from medwsol.benchmark import run_methods_benchmark
 
     cfg = _load(config, overrides, stages=["prepare", "train", "evaluate"])
+    if methods:
+        from medwsol.errors import ConfigError, RegistryError
+        from medwsol.methods.catalog import METHODS
+
+        for m in methods:
+            try:
+                METHODS.check(m)
+            except RegistryError as err:
+                raise ConfigError(f"--method {m!r}: {err}") from None
+    _check_out(out, kind="file")
     run_methods_benchmark(cfg, config_path=config, methods=methods or None, out_md=out)
 
 

@@ -35,8 +35,11 @@ __all__ = [
     "parse_config",
     "apply_overrides",
     "check_files",
+    "output_problems",
     "flatten",
     "parse_cluster",
+    "read_yaml",
+    "load_yaml_text",
 ]
 
 STAGES = ("prepare", "train", "evaluate", "infer", "export")
@@ -71,7 +74,7 @@ def parse_cluster(spec: str) -> tuple[str, str | int]:
 class Section(BaseModel):
     """Base of every section: unknown keys are errors; defaults are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class SyntheticConfig(Section):
@@ -110,6 +113,9 @@ class SlideTilesConfig(Section):
     tumour_class: str = "malignant"
     normal_class: str = "benign"
     max_tiles_per_slide: int | None = Field(None, ge=1)
+    max_tissue_read_mpx: float = Field(
+        500.0, gt=0, description="a slide whose tissue detection would decode more pixels (millions) than this, "
+        "because it has no pyramid level near the mask's resolution, fails with a reason (the others go on)")
     synthetic: SyntheticSlidesConfig = SyntheticSlidesConfig()
 
 
@@ -254,6 +260,9 @@ class SlidesConfig(Section):
                                "of the tile (MONAI's sigma_scale)")
     min_tissue: float = Field(0.1, ge=0, le=1)
     tissue_mpp: float = Field(16.0, gt=0, description="resolution of the tissue mask")
+    max_tissue_read_mpx: float = Field(
+        500.0, gt=0, description="a slide whose tissue detection would decode more pixels (millions) than this, "
+        "because it has no pyramid level near tissue_mpp, fails with a reason (the others go on)")
     output_mpp: float = Field(4.0, gt=0, description="resolution of the stitched heatmap")
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(1, ge=0)
@@ -360,6 +369,13 @@ class PipelineConfig(Section):
         return sorted(v, key=STAGES.index)
 
 
+def _key(part: Any) -> str:
+    """A YAML key as written in a message: as is when it reads plainly, else quoted (``'a b'``, ``'\\n'``)."""
+    text = str(part)
+    plain = text and text.isprintable() and text.strip() == text and not any(c in text for c in " .:;[]'\"")
+    return text if plain else repr(text)
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -368,7 +384,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         elif str(part).startswith("function-") or part in ("literal", "str", "int"):
             continue
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + _key(part)
     return out or "<top level>"
 
 
@@ -379,16 +395,53 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any], prefix:
         if prefix:
             loc = f"{prefix}.{loc}" if loc != "<top level>" else prefix
         if e["type"] == "extra_forbidden":
-            parent = loc.rsplit(".", 1)[0] if "." in loc else "<top level>"
-            msgs.append(f"{loc}: unknown key (value {e['input']!r}); fix: remove it or check the spelling under {parent}")
+            parent = _format_loc(tuple(e["loc"])[:-1])
+            if prefix:
+                parent = f"{prefix}.{parent}" if parent != "<top level>" else prefix
+            value = repr(e["input"])
+            value = value if len(value) <= 80 else value[:79] + "…"
+            msgs.append(f"{loc}: unknown key (value {value}); fix: remove it or check the spelling under {parent}")
         elif e["type"] == "missing":
             msgs.append(f"{loc}: required key is missing; fix: add it")
         elif loc == "<top level>" and e["type"] == "value_error":  # cross-section checks name their keys
             msgs.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
-            msgs.append(f"{loc}: {msg} (got {e['input']!r})")
+            got = repr(e["input"])
+            got = got if len(got) <= 80 else got[:79] + "…"
+            if "fix:" in msg:  # the validator wrote its own fix (and names the value)
+                msgs.append(f"{loc}: {msg}")
+            else:
+                msgs.append(f"{loc}: {msg} (got {got}); fix: {_FIXES.get(e['type'], f'correct {loc}')}")
     return "; ".join(msgs)
+
+
+#: The fix that follows each kind of pydantic validation error (by error type).
+_FIXES = {
+    "model_type": "write it as a section of key: value lines",
+    "model_attributes_type": "write it as a section of key: value lines",
+    "dict_type": "write it as a mapping of key: value",
+    "list_type": "write it as a list, e.g. [a, b]",
+    "finite_number": "use a finite number",
+    "literal_error": "use one of the values listed",
+    "enum": "use one of the values listed",
+    "greater_than": "use a larger value",
+    "greater_than_equal": "use a larger value",
+    "less_than": "use a smaller value",
+    "less_than_equal": "use a smaller value",
+    "int_parsing": "use a whole number",
+    "int_type": "use a whole number",
+    "int_from_float": "use a whole number",
+    "float_parsing": "use a number",
+    "float_type": "use a number",
+    "bool_parsing": "use true or false",
+    "bool_type": "use true or false",
+    "string_type": "quote it as text",
+    "string_pattern_mismatch": "use letters, digits, '_', '.' or '-' only",
+    "too_short": "give more items",
+    "too_long": "give fewer items",
+    "path_type": "give a file path as text",
+}
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> PipelineConfig:
@@ -404,8 +457,11 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> PipelineConf
     # the method's own knobs, validated against its schema, with full YAML paths
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     method = model.get("method", ModelConfig.model_fields["method"].default)
+    if not isinstance(method, str):
+        method = None  # the model.method error itself comes from PipelineConfig above
     params = model.get("params") or {}
-    per_method = isinstance(params, dict) and bool(params) and all(k in METHOD_PARAMS for k in params)
+    per_method = isinstance(params, dict) and bool(params) and all(
+        isinstance(k, str) and k in METHOD_PARAMS for k in params)
     if per_method:
         # keyed by method: `params: {minmax_entropy: {...}, weightmap_ce: {...}}`; every entry is checked,
         # the selected method's entry (or its defaults) is used, so `--set model.method=...` stays valid
@@ -437,12 +493,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value; fix: e.g. --set train.epochs=2")
         key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: empty key name in {key.strip()!r}; fix: write section.key=value, "
+                              "e.g. --set train.epochs=2")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(raw, f"--set {item!r}") if raw != "" else ""
+        except ConfigError:
             value = raw
         node = data
-        parts = key.strip().split(".")
         for p in parts[:-1]:
             nxt = node.get(p)
             if nxt is None:
@@ -454,17 +513,132 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML file into a dict with errors naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found; fix: check the path (e.g. pipelines/demo.yaml)")
+#: Limits of the YAML loader: a pipeline file is a few hundred nodes; these stop alias "bombs",
+#: absurd nesting and huge files in the first millisecond instead of exhausting memory or the stack.
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_DEPTH = 64
+MAX_YAML_ALIASES = 64
+MAX_YAML_NODES = 20_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses nesting deeper than ``MAX_YAML_DEPTH`` and more than
+    ``MAX_YAML_ALIASES`` aliases while composing (the checks on the composed tree follow)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _YamlLimit(f"more than {MAX_YAML_ALIASES} aliases (*name)", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _YamlLimit(Exception):
+    def __init__(self, what: str, mark) -> None:
+        super().__init__(what)
+        self.what, self.mark = what, mark
+
+
+def _check_tree(node, source: str) -> None:
+    """Duplicate keys (with their YAML path and both lines) and the expanded size of the tree."""
+    sizes: dict[int, int] = {}
+
+    def walk(n, path: str) -> int:
+        if id(n) in sizes:  # an alias: the same node again, expanded in full by whoever walks the data
+            return sizes[id(n)]
+        size = 1
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    key = (k.tag, k.value)
+                    where = f"{path}.{_key(k.value)}" if path else _key(k.value)
+                    if key in seen:
+                        raise ConfigError(
+                            f"{source}: line {k.start_mark.line + 1}: duplicate key {where} (first on line "
+                            f"{seen[key]}); fix: keep one of them"
+                        )
+                    seen[key] = k.start_mark.line + 1
+                else:
+                    where = path
+                size += walk(k, where) + walk(v, where)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                size += walk(v, f"{path}[{i}]")
+        sizes[id(n)] = size
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: line {n.start_mark.line + 1}: the document expands to more than "
+                              f"{MAX_YAML_NODES} values (aliases repeat their anchors); fix: write the values out "
+                              "or use fewer aliases")
+        return size
+
+    walk(node, "")
+
+
+def load_yaml_text(text: str, source: str = "<yaml>") -> Any:
+    """Parse one YAML document safely: no duplicate keys, bounded aliases, depth and size.
+
+    Errors are one-line ``ConfigError`` s naming ``source`` and the line.
+
+    Example:
+        >>> from medwsol.config import load_yaml_text
+        >>> load_yaml_text("train: {epochs: 2}")
+        {'train': {'epochs': 2}}
+        >>> load_yaml_text("a: 1\na: 2", "x.yaml")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        medwsol.errors.ConfigError: x.yaml: line 2: duplicate key a (first on line 1); fix: keep one of them
+    """
+    loader = None
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        loader = _BoundedLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_tree(node, source)
+        return loader.construct_document(node)
+    except _YamlLimit as err:
+        raise ConfigError(f"{source}: line {err.mark.line + 1}: YAML {err.what}; fix: simplify the file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where}: invalid YAML ({getattr(err, 'problem', err)}); fix: correct the syntax") from None
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}:{where} invalid YAML ({problem}); fix: correct the syntax") from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{source}: YAML too deeply nested or too large; fix: simplify the file") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a pipeline YAML into a dict with errors naming the file.
+
+    UTF-8 text of at most ``MAX_YAML_BYTES``, one document, a mapping at the top level, no
+    duplicate keys, bounded aliases (see :func:`load_yaml_text`).
+    """
+    from medwsol.io import read_text_file
+
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        raise ConfigError(f"{p}: config file not found; fix: check the path (e.g. pipelines/demo.yaml)")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, not a YAML file; fix: give the pipeline file (e.g. pipelines/demo.yaml)")
+    text = read_text_file(p, "YAML file", max_bytes=MAX_YAML_BYTES, error=ConfigError)
+    data = load_yaml_text(text, str(p))
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a YAML mapping at the top level; fix: start with 'name: ...'")
     return data
@@ -517,9 +691,33 @@ def check_files(
     ckpt = mp.get("classifier_checkpoint") if isinstance(mp, dict) else None
     if ckpt and not Path(ckpt).is_file() and "train" in stages:
         problems.append(f"model.params.classifier_checkpoint: file {ckpt!r} not found; fix: train a cam model first")
+    problems += output_problems(cfg, stages)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return notes
+
+
+def output_problems(cfg: PipelineConfig, stages: list[str]) -> list[str]:
+    """Every folder the stages will write into must be creatable and writable, before any work."""
+    from medwsol.io import writable_problem
+
+    wanted: list[tuple[str, Path]] = [("run_root", cfg.run_root)]
+    problems = []
+    if "prepare" in stages and cfg.data.source != "manifest":
+        wanted.append(("data.manifest", cfg.data.manifest.parent))
+    if cfg.data.cache == "persistent" and any(s in stages for s in ("train", "evaluate")):
+        if cfg.data.cache_dir is None:
+            problems.append("data.cache_dir: not set while data.cache is 'persistent'; fix: set data.cache_dir to a "
+                            "folder or use data.cache: cache")
+        else:
+            wanted.append(("data.cache_dir", cfg.data.cache_dir))
+    if "infer" in stages and cfg.slides.out_dir is not None:
+        wanted.append(("slides.out_dir", cfg.slides.out_dir))
+    for key, folder in wanted:
+        why = writable_problem(folder, "dir")
+        if why is not None:
+            problems.append(f"{key}: folder {str(folder)!r}: {why}; fix: choose a writable folder")
+    return problems
 
 
 def load_config(

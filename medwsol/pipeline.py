@@ -18,8 +18,10 @@ from medwsol import stages as stage_impl
 from medwsol.config import STAGES, PipelineConfig, flatten
 from medwsol.errors import ConfigError
 from medwsol.io import write_text
+from medwsol.rundir import RunSession, latest_run_dir, read_marker, resolve_run_dir
 
-__all__ = ["RunContext", "run_pipeline", "run_distributed_train", "resolve_run_dir", "latest_run_dir", "STAGE_FUNCS"]
+__all__ = ["RunContext", "run_pipeline", "run_distributed_train", "preflight", "resolve_run_dir", "latest_run_dir",
+           "STAGE_FUNCS"]
 
 
 @dataclass
@@ -42,37 +44,43 @@ class RunContext:
         return self.cfg.slides.out_dir or (self.run_dir / "slides")
 
 
-def latest_run_dir(cfg: PipelineConfig) -> Path | None:
-    """The newest run directory of this pipeline name, if any."""
-    base = cfg.run_root / cfg.name
-    if not base.is_dir():
-        return None
-    runs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return runs[-1] if runs else None
+def preflight(cfg: PipelineConfig, stages: list[str], model_ref: str | None = None) -> None:
+    """Check the inputs the stages read before a run folder or an MLflow run exists.
 
+    File existence and output locations are checked when the config is loaded
+    (:func:`medwsol.config.check_files`); here the contents that can be checked cheaply: the
+    manifest (when no earlier stage writes it; :func:`load_manifest` caches the result, so the
+    stage does not read it twice), ``model.pretrained`` and a ``--model`` checkpoint path.
+    """
+    from medwsol.config import output_problems
 
-def resolve_run_dir(cfg: PipelineConfig, run_dir: Path | None, stages: list[str], model_ref: str | None = None) -> Path:
-    """Explicit dir, else a new one when the stages start from scratch, else the latest run."""
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    starts_fresh = stages[0] in ("prepare", "train") or model_ref is not None
-    if not starts_fresh:
-        latest = latest_run_dir(cfg)
-        if latest is None:
-            raise ConfigError(
-                f"no run of pipeline {cfg.name!r} under {cfg.run_root}/{cfg.name}; "
-                "fix: run `medwsol run` first, or pass --run-dir or --model"
-            )
-        return latest
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    d = cfg.run_root / cfg.name / stamp
-    i = 1
-    while d.exists():
-        d = cfg.run_root / cfg.name / f"{stamp}-{i}"
-        i += 1
-    d.mkdir(parents=True)
-    return d
+    problems = output_problems(cfg, stages)  # again: the config may have changed since it was loaded
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if any(s in stages for s in ("train", "evaluate")) and "prepare" not in stages and cfg.data.manifest.is_file():
+        from medwsol.data.manifest import load_manifest
+
+        load_manifest(cfg.data.manifest, list(cfg.data.classes))
+    if "train" in stages and cfg.model.pretrained is not None:
+        from medwsol.methods.backbones import build_backbone
+
+        build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)  # a file that does not fit fails here
+    if model_ref is not None and not model_ref.startswith(("models:/", "runs:/")):
+        from medwsol.errors import CheckpointError
+
+        path = Path(model_ref)
+        if not path.exists():
+            raise CheckpointError(f"--model {model_ref!r}: file not found; fix: give a checkpoint (checkpoints/best.pt "
+                                  "of a run), a model package folder or a models:/<name>@<alias> URI")
+        if path.is_dir():  # a package folder, or a run folder holding one: its description is checked here
+            from medwsol.package import is_package_dir, read_package_meta
+
+            read_package_meta(path if is_package_dir(path) or not is_package_dir(path / "package")
+                              else path / "package")
+        else:  # a checkpoint: read and built (a foreign or damaged description fails here, naming the file)
+            from medwsol.checkpoint import model_from_checkpoint, read_checkpoint
+
+            model_from_checkpoint(read_checkpoint(path), source=model_ref)
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -96,64 +104,94 @@ def run_pipeline(
     model: str | None = None,
     tracker: Any = None,
     package: bool = True,
+    overwrite: bool = False,
+    create_run_dir: bool = False,
 ) -> RunContext:
     """Run ``stages`` (default: the YAML's) into a run directory and one tracking run.
 
     When ``train`` is among the stages and ``package`` is true, the run's model package is built,
     logged and registered right after the last of ``train``/``evaluate`` (:func:`medwsol.stages.package_run`).
+
+    Order: inputs checked (:func:`preflight`), run folder chosen (:func:`medwsol.rundir.resolve_run_dir`),
+    tracking store reached, and only then the run folder made; a failure at any point leaves nothing
+    this invocation made, except work a re-run continues (see :class:`medwsol.rundir.RunSession`).
+    The MLflow run ends FINISHED, FAILED, or KILLED (Ctrl-C, SIGTERM).
     """
+    from medwsol.data.manifest import cached_manifests
+
+    with cached_manifests():
+        return _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, package, overwrite,
+                             create_run_dir)
+
+
+def _run_pipeline(cfg, config_path, run_dir, stages, resume, model, tracker, package, overwrite,
+                  create_run_dir) -> RunContext:
     from rich.console import Console
 
     console = Console(stderr=True)
     stages = sorted(stages or list(cfg.stages), key=STAGES.index)
-    existed = run_dir is not None and run_dir.exists()
-    rd = resolve_run_dir(cfg, run_dir, stages, model)
+    preflight(cfg, stages, model)
+    rd, is_new = resolve_run_dir(cfg, run_dir, stages, model, resume=resume, overwrite=overwrite,
+                                 create=create_run_dir)
+    dump = cfg.model_dump(mode="json")
     own_tracker = tracker is None
     if tracker is None:
         from medwsol.tracking import make_tracker
 
         id_file = rd / "mlflow_run_id"
-        old_id = id_file.read_text().strip() if id_file.is_file() else None
-        try:  # reach the tracking store before any work; a failure leaves no new run dir behind
-            tracker = make_tracker(cfg.tracking, run_name=f"{cfg.name}/{rd.name}", run_id=old_id)
-        except BaseException:
-            if not existed and not any(rd.iterdir()):
-                rd.rmdir()
-            raise
-        if tracker.run_id:
-            write_text(id_file, tracker.run_id)
-    dump = cfg.model_dump(mode="json")
-    write_text(rd / "config.yaml", yaml.safe_dump(dump, sort_keys=False))
-    ctx = RunContext(cfg=cfg, run_dir=rd, tracker=tracker, resume=resume, model_ref=model)
-    tracker.log_params(flatten(dump))
-    tracker.set_tags({"pipeline": cfg.name, "run_dir": str(rd), "stages": ",".join(stages)})
-    console.print(f"[bold]medwsol[/] {cfg.name}: stages {' → '.join(stages)}  run dir [cyan]{rd}[/]")
+        old_id = id_file.read_text().strip() if id_file.is_file() and not overwrite else None
+        # reach the tracking store before the run folder exists
+        tracker = make_tracker(cfg.tracking, run_name=f"{cfg.name}/{rd.name}", run_id=old_id)
     status = "FAILED"
+    ctx = RunContext(cfg=cfg, run_dir=rd, tracker=tracker, resume=resume, model_ref=model)
     # the model package is built once the model stages of this invocation are done (after train, or after
     # the evaluate that follows it), before infer/export, which load it
     model_stages = [s for s in stages if s in ("train", "evaluate")]
     package_after = model_stages[-1] if package and "train" in stages else None
+    cohort: list[Any] = []  # the infer/export tables: a failed slide makes the invocation fail
     try:
-        for s in stages:
-            t0 = time.perf_counter()
-            console.rule(f"[bold]{s}")
-            STAGE_FUNCS[s](ctx)
-            dt = time.perf_counter() - t0
-            tracker.log_metrics({f"stage_seconds.{s}": dt})
-            console.print(f"[green]✓[/] {s} in {dt:.1f} s")
-            if s == package_after:
-                stage_impl.package_run(ctx)
+        with RunSession(rd, is_new, cfg.name, yaml.safe_dump(dump, sort_keys=False), overwrite=overwrite) as session:
+            if own_tracker and tracker.run_id:
+                write_text(rd / "mlflow_run_id", tracker.run_id)
+            tracker.log_params(flatten(dump))
+            tracker.set_tags({"pipeline": cfg.name, "run_dir": str(rd), "stages": ",".join(stages)})
+            console.print(f"[bold]medwsol[/] {cfg.name}: stages {' → '.join(stages)}  run dir [cyan]{rd}[/]")
+            for s in stages:
+                t0 = time.perf_counter()
+                console.rule(f"[bold]{s}")
+                session.mark(s, "running")
+                out = STAGE_FUNCS[s](ctx)
+                if s in ("infer", "export"):
+                    cohort.append((out, ctx.slides_dir / ("slides.csv" if s == "infer" else "exports.csv")))
+                dt = time.perf_counter() - t0
+                result = ctx.results.get(s)
+                stopped = s == "train" and isinstance(result, dict) and "stopped_after" in result
+                extra = {"epochs": int(cfg.train.epochs)} if s == "train" and not stopped else {}
+                session.mark(s, "stopped" if stopped else "finished", seconds=round(dt, 1), **extra)
+                tracker.log_metrics({f"stage_seconds.{s}": dt})
+                console.print(f"[green]✓[/] {s} in {dt:.1f} s")
+                if s == package_after:
+                    session.mark("package", "running")
+                    stage_impl.package_run(ctx)
+                    session.mark("package", "finished")
+            failed = stage_impl.cohort_error(cohort)
+            if failed is not None:  # a cohort with failed slides is a failed invocation: tidied as for any error
+                _print_where(ctx, console)
+                raise failed
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if own_tracker:
             tracker.close(status)
+        if status != "FINISHED" and is_new and rd.is_dir():
+            train = (read_marker(rd) or {}).get("stages", {}).get("train") or {}
+            resume = (" --resume" if (rd / "checkpoints" / "last.pt").is_file() and train.get("status") != "finished"
+                      else "")
+            console.print(f"[yellow]note:[/] kept {rd}: it holds work a re-run continues (a training, finished "
+                          f"slides); continue with --run-dir {rd}{resume}")
     _print_where(ctx, console)
-    n_failed = int(ctx.results.get("failed_slides") or 0)
-    if n_failed:
-        from medwsol.errors import SlideError
-
-        raise SlideError(f"{n_failed} slide(s) failed (the others finished); see {ctx.slides_dir / 'slides.csv'} "
-                         "for each error; fix: correct or remove those slides and re-run (finished ones are skipped)")
     return ctx
 
 
@@ -180,7 +218,7 @@ def _print_where(ctx: RunContext, console) -> None:
 
 
 def run_distributed_train(cfg: PipelineConfig, config_path: Path | None = None, run_dir: Path | None = None,
-                          resume: bool = False) -> RunContext | None:
+                          resume: bool = False, overwrite: bool = False) -> RunContext | None:
     """The train stage as one rank of a data-parallel group (``medwsol train --nproc N``, or under torchrun).
 
     Rank 0 runs the ordinary pipeline (run directory, MLflow run, training, package, registration); the
@@ -194,7 +232,8 @@ def run_distributed_train(cfg: PipelineConfig, config_path: Path | None = None, 
     try:
         if dist.is_main:
             try:
-                return run_pipeline(cfg, config_path=config_path, run_dir=run_dir, stages=["train"], resume=resume)
+                return run_pipeline(cfg, config_path=config_path, run_dir=run_dir, stages=["train"], resume=resume,
+                                    overwrite=overwrite)
             except BaseException:
                 if not dist.started and dist.world > 1:
                     dist.broadcast(None)  # the others wait for the run directory: tell them to stop

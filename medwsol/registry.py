@@ -63,9 +63,9 @@ class Registry(Generic[T]):
         """Raise RegistryError when ``name`` is unknown, without importing anything."""
         if name not in self:
             close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}" if close else ""
             raise RegistryError(
-                f"unknown {self.kind} {name!r}; {hint + ' ' if hint else ''}"
+                f"unknown {self.kind} {name!r}; {hint + '; ' if hint else ''}"
                 f"fix: use one of {', '.join(self.names())}"
             )
 

@@ -44,6 +44,7 @@ __all__ = [
     "export_slides",
     "score_slide",
     "model_card",
+    "cohort_error",
 ]
 
 #: Where a run keeps its model package.
@@ -67,7 +68,14 @@ def stage_prepare(ctx) -> None:
         s = d.synthetic
         out = d.manifest.parent
         if d.manifest.is_file() and (out / ".medwsol-synthetic.json").is_file():
-            if json.loads((out / ".medwsol-synthetic.json").read_text()) == s.model_dump():
+            from medwsol.errors import MedwsolError
+            from medwsol.io import read_json_file
+
+            try:
+                same = read_json_file(out / ".medwsol-synthetic.json", "synthetic data stamp") == s.model_dump()
+            except MedwsolError:
+                same = False  # an unreadable stamp: make the data again
+            if same:
                 ctx.results["manifest"] = d.manifest
                 return  # same seed and sizes: the files are already there
         made = make_synthetic_dataset(
@@ -185,7 +193,7 @@ def _run_network(ctx, device):
 
     ref = ctx.model_ref
     if ref is not None and Path(ref).suffix in (".pt", ".pth", ".ckpt") and not ref.startswith(("models:/", "runs:/")):
-        net = model_from_checkpoint(read_checkpoint(ref))  # a bare checkpoint: calibrated here, like a fresh one
+        net = model_from_checkpoint(read_checkpoint(ref), source=ref)  # a bare checkpoint: calibrated here
         net.classes = list(ctx.cfg.data.classes)
         return net.to(device), None
     if ref is not None:
@@ -200,7 +208,7 @@ def _run_network(ctx, device):
     best = ctx.run_dir / "checkpoints" / "best.pt"
     if not best.is_file():
         raise CheckpointError(f"{best}: no trained model in this run; fix: run the train stage or pass --model")
-    net = model_from_checkpoint(read_checkpoint(best))
+    net = model_from_checkpoint(read_checkpoint(best), source=str(best))
     net.classes = list(ctx.cfg.data.classes)
     return net.to(device), None
 
@@ -323,7 +331,7 @@ def package_run(ctx) -> Path | None:
     calibration = ctx.results.get("calibration")
     if calibration is None:
         device = select_device(cfg.train.device)
-        network = model_from_checkpoint(ck).to(device)
+        network = model_from_checkpoint(ck, source=str(rd / "checkpoints" / "best.pt")).to(device)
         network.classes = list(cfg.data.classes)
         df = load_manifest(cfg.data.manifest, list(cfg.data.classes))
         calibration = calibrate(network, cfg, df, device, cfg.slides.score, _positive_class(cfg), cfg.slides.map_class)
@@ -409,7 +417,9 @@ def serving_setup(pkg, slides_cfg, explicit: set[str] | None = None, classes: li
     tau = None
     source = None
     changed = (score not in (None, cal["score"])) or (positive not in (None, pkg.meta["positive_class"]))
-    if "map_class" in explicit and slides_cfg.map_class != cal.get("map_class", "predicted"):
+    # (a class-agnostic weight map, as the weight-map methods make, is the same map either way)
+    if ("map_class" in explicit and slides_cfg.map_class != cal.get("map_class", "predicted")
+            and getattr(pkg.network, "supports_target_class", False)):
         raise ConfigError(f"slides.map_class: the package serves the {cal.get('map_class', 'predicted')} map (its map "
                           "range and tau were fitted on it); fix: drop the override, or re-package the model")
     if "threshold" in explicit and slides_cfg.threshold is not None:
@@ -428,18 +438,22 @@ def serving_setup(pkg, slides_cfg, explicit: set[str] | None = None, classes: li
 
 def collect_slides(cfg) -> list[Path]:
     """``slides.inputs`` + the ``slide`` column of ``slides.manifest`` (+ held-out synthetic slides)."""
+    from medwsol.io import read_csv_table
+
     slides = [Path(p) for p in cfg.slides.inputs]
     if cfg.slides.manifest is not None:
         man = Path(cfg.slides.manifest)
-        df = pd.read_csv(man)
+        df = read_csv_table(man, "slides manifest", ConfigError, empty_fix="add a header line 'slide' and one slide "
+                            "path per line")
         if "slide" not in df.columns:
             raise ConfigError(f"{man}: no 'slide' column; fix: add one with slide paths (relative to the CSV)")
-        slides += [(man.parent / str(s)) if not Path(str(s)).is_absolute() else Path(str(s)) for s in df["slide"]]
+        slides += [(man.parent / str(s).strip()) if not Path(str(s).strip()).is_absolute() else Path(str(s).strip())
+                   for s in df["slide"] if str(s).strip()]
     if not slides and cfg.data.source == "slides" and cfg.data.tiles.slides is None:
         cohort = cfg.data.manifest.parent.with_name(cfg.data.manifest.parent.name + "_cohort")
         test_csv = cohort / "test_slides.csv"
         if test_csv.is_file():
-            df = pd.read_csv(test_csv)
+            df = read_csv_table(test_csv, "test_slides.csv", DataError)
             slides += [(test_csv.parent / str(s)) if not Path(str(s)).is_absolute() else Path(str(s))
                        for s in df["slide"]]
     if not slides:
@@ -717,3 +731,19 @@ def stage_export(ctx) -> pd.DataFrame:
     ctx.results["failed_slides"] = ctx.results.get("failed_slides", 0) + n_failed
     ctx.tracker.log_artifact(summary_csv, "slides")
     return out
+
+
+def cohort_error(tables) -> SlideError | None:
+    """The one-line error of a cohort whose slides failed (None when none did): how many, the first, where.
+
+    Args:
+        tables: ``(table, csv path)`` pairs: the infer summary (``slides.csv``), the exports (``exports.csv``).
+    """
+    failed = [(r, path) for t, path in tables if t is not None and len(t) and "status" in t.columns
+              for _, r in t[t.status == "failed"].iterrows()]
+    if not failed:
+        return None
+    first = str(failed[0][0].get("error", "") or "").split("; fix:")[0].strip()
+    where = " and ".join(dict.fromkeys(str(path) for _, path in failed))
+    return SlideError(f"{len(failed)} slide(s) failed (the others finished); first: {first}; see {where} for each "
+                      "error; fix: correct or remove those slides and re-run (finished ones are skipped)")

@@ -355,9 +355,25 @@ def serving_requirements() -> list[str]:
     return reqs
 
 
+def _check_store_exists(ref: str, tracking_uri: str) -> None:
+    """Reading a model from a local store that is not there fails here (MLflow would create an empty one)."""
+    local = None
+    if tracking_uri.startswith("sqlite:///"):
+        local = Path(tracking_uri[len("sqlite:///"):])
+    elif tracking_uri.startswith("file://"):
+        local = Path(tracking_uri[len("file://"):])
+    elif tracking_uri.startswith("file:"):
+        local = Path(tracking_uri[len("file:"):])
+    if local is not None and not local.exists():
+        raise TrackingError(f"--model {ref}: the tracking store {tracking_uri} does not exist ({local} not found); fix: "
+                            "point --tracking-uri (or MLFLOW_TRACKING_URI) at the store the model was registered in, "
+                            "e.g. sqlite:///path/to/mlflow.db")
+
+
 def download_package(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     """Download the model package of a registered model (``models:/name@alias``, ``models:/name/3``,
     ``runs:/<id>/model``) into ``dst``; return the package folder. Nothing is unpickled or executed."""
+    _check_store_exists(uri, tracking_uri)
     _check_uri(tracking_uri)
     import mlflow
 

@@ -114,9 +114,12 @@ def test_bad_inputs_one_line_exit_2(tmp_path):
     before = _runs(tmp_path)
     res = run_cli(tmp_path, "run", demo, sets=["tracking.uri=http://127.0.0.1:9"], check=False)
     assert res.returncode == 2 and "tracking.uri" in res.stderr and _runs(tmp_path) == before
-    # nothing to resume
+    # no run folder there: refused, nothing made
     res = run_cli(tmp_path, "train", demo, "--resume", "--run-dir", str(tmp_path / "empty"), sets=off, check=False)
-    assert res.returncode == 2 and "nothing to resume" in res.stderr
+    assert res.returncode == 2 and "not found" in res.stderr and not (tmp_path / "empty").exists()
+    # nothing to resume anywhere
+    res = run_cli(tmp_path, "train", demo, "--resume", sets=off, check=False)
+    assert res.returncode == 2 and "--resume" in res.stderr and _runs(tmp_path) == before
 
 
 @pytest.mark.slow

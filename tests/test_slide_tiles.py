@@ -16,7 +16,7 @@ from medwsol.data.geometry import rasterize_geometry
 from medwsol.data.manifest import load_manifest
 from medwsol.data.slide_tiles import make_synthetic_slide_cohort, prepare_slide_tiles, qupath_geometry
 from medwsol.data.synthetic_slide import make_synthetic_slide
-from medwsol.errors import DataError
+from medwsol.errors import DataError, SlideError
 
 pytest.importorskip("openslide")
 
@@ -174,11 +174,46 @@ def test_input_errors_are_reported_together(two_slides, tmp_path):
     # a normal slide with tumour polygons is inconsistent
     pd.DataFrame({"slide": [str(root / "slides/tum.tif")], "label": ["benign"], "split": ["train"],
                   "annotations": [str(root / "annotations/tum.geojson")]}).to_csv(csv, index=False)
-    with pytest.raises(DataError, match="normal slide"):
+    with pytest.raises(SlideError, match="normal slide"):
         prepare_slide_tiles(csv, None, tmp_path / "t", CFG, CLASSES)
+    status = pd.read_csv(tmp_path / "t" / "manifest_slides.csv")  # the failure is recorded, nothing else written
+    assert status.status.tolist() == ["failed"] and "tumour polygons" in status.error[0]
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["manifest_slides.csv"]
+    shutil.rmtree(tmp_path / "t")
     # too few groups to split by slide
     pd.DataFrame({"slide": [str(root / "slides/tum.tif"), str(root / "slides/norm.tif")],
                   "label": ["malignant", "benign"]}).to_csv(csv, index=False)
     with pytest.raises(DataError, match="split column"):
         prepare_slide_tiles(csv, root / "annotations", tmp_path / "t", CFG, CLASSES)
     assert not (tmp_path / "t").exists()
+
+
+def test_one_failing_slide_does_not_stop_the_cohort(two_slides, tmp_path):
+    """A corrupt slide is recorded as failed; the others are tiled; the error names it at the end."""
+    root, _, good = two_slides
+    shutil.copy(root / "slides/tum.tif", tmp_path / "broken.tif")
+    data = (tmp_path / "broken.tif").read_bytes()
+    (tmp_path / "broken.tif").write_bytes(data[: len(data) // 3])
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"slide": [str(root / "slides/tum.tif"), str(tmp_path / "broken.tif"), str(root / "slides/norm.tif")],
+                  "label": ["malignant", "benign", "benign"], "split": ["train"] * 3}).to_csv(csv, index=False)
+    with pytest.raises(SlideError, match="1 of 3 slide") as err:
+        prepare_slide_tiles(csv, root / "annotations", tmp_path / "t", CFG, CLASSES, seed=0)
+    assert "broken.tif" in str(err.value) and "\n" not in str(err.value)
+    status = pd.read_csv(tmp_path / "t" / "manifest_slides.csv", keep_default_na=False)
+    assert status.status.tolist() == ["ok", "failed", "ok"] and "broken.tif" in status.error[1]
+    assert status.tiles[0] > 0 and status.tiles[2] > 0
+    made = pd.read_csv(tmp_path / "t" / "manifest.csv")
+    assert set(made.slide) == {str(root / "slides/tum.tif"), str(root / "slides/norm.tif")}
+    assert len(made) == len(pd.read_csv(good))  # the same tiles as without the broken slide
+    assert not [p for p in (tmp_path / "t").iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_a_slide_too_large_for_its_pyramid_fails_alone(two_slides, tmp_path):
+    """max_tissue_read_mpx: a slide whose tissue mask would decode too many pixels fails with the reason."""
+    root, _, _ = two_slides
+    cfg = SlideTilesConfig(tile_size=128, mpp=2.0, min_tissue=0.1, min_tumour=0.2, max_tissue_read_mpx=1e-4)
+    with pytest.raises(SlideError, match="2 of 2") as err:
+        prepare_slide_tiles(root / "slides.csv", root / "annotations", tmp_path / "t", cfg, CLASSES, seed=0)
+    assert "Mpx" in str(err.value) and "pyramidal TIFF" in str(err.value)
+    assert not (tmp_path / "t" / "manifest.csv").exists()

@@ -182,6 +182,21 @@ def test_tissue_mask_of_blank_slide_is_empty(tmp_path):
     assert mask.shape == (32, 32) and not mask.any()
 
 
+def test_tissue_mask_refuses_a_slide_without_a_pyramid_beyond_the_limit(tmp_path):
+    """One level only: the mask would decode all of level 0; over max_read_mpx it fails at once with the reason."""
+    p = write_slide(tmp_path / "flat.tif", islands(1024, 1536, [(500, 500, 200)]), levels=1)
+    slide = open_slide(p)
+    with pytest.raises(SlideError) as err:
+        tissue_mask(slide, mpp=16.0, max_read_mpx=1.0)  # level 0 is 1.57 Mpx
+    msg = str(err.value)
+    assert "flat.tif" in msg and "1.57 Mpx from pyramid level 0" in msg and "pyramidal TIFF" in msg and "\n" not in msg
+    mask, _ = tissue_mask(slide, mpp=16.0, max_read_mpx=2.0)  # within the limit it is read as before
+    assert mask.any()
+    mask, _ = tissue_mask(open_slide(write_slide(tmp_path / "pyr.tif", islands(1024, 1536, [(500, 500, 200)]),
+                                                 levels=4)), mpp=16.0, max_read_mpx=1.0)
+    assert mask.any()  # a pyramid keeps the read small
+
+
 def test_tissue_mask_of_all_tissue_slide_is_full(gradient_slide):
     mask, _ = tissue_mask(open_slide(gradient_slide), mpp=16.0)
     assert mask.all()

@@ -28,14 +28,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
-from medwsol.errors import DataError
+from medwsol.errors import DataError, ManifestError
 from medwsol.io import atomic_path
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "SPLITS",
     "IMAGE_SUFFIXES",
     "load_manifest",
+    "cached_manifests",
     "assign_splits",
     "write_manifest",
     "split_records",
@@ -149,25 +152,57 @@ def _parse_valpx(value: str) -> int | None:
     return None
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found; fix: run the prepare stage or check data.manifest")
+def _read_bytes(path: Path) -> bytes:
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        header = ", ".join(REQUIRED_COLUMNS)
-        raise DataError(f"{path}: the manifest is empty; fix: add a header line {header}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        msg = str(err).strip().splitlines()[0]
-        raise DataError(f"{path}: not a readable CSV ({msg}); fix: save it as comma-separated UTF-8") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.fillna("")
+        if not path.is_file():
+            what = "is a folder, not a manifest" if path.is_dir() else "manifest not found"
+            raise ManifestError(f"{path}: {what}; fix: run the prepare stage or check data.manifest")
+        return path.read_bytes()
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot read the manifest ({err.strerror or err}); fix: check data.manifest") from None
+
+
+def _read_csv(path: Path, raw: bytes | None = None) -> pd.DataFrame:
+    from medwsol.io import read_csv_table
+
+    if raw is None:
+        raw = _read_bytes(path)
+    df = read_csv_table(path, "manifest", ManifestError, raw=raw,
+                        empty_fix=f"add a header line {', '.join(REQUIRED_COLUMNS)}")
     return df.apply(lambda col: col.astype(str).str.strip()) if len(df) else df
 
 
+def _q(value: Any, limit: int = 80) -> str:
+    """A value quoted for a message, shortened (a manifest cell can be any length)."""
+    text = str(value)
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
 def _resolve(folder: Path, rel: str) -> Path:
-    p = Path(rel).expanduser()
+    p = Path(rel).expanduser() if rel.startswith("~") else Path(rel)
     return Path(os.path.normpath(p if p.is_absolute() else folder / p))
+
+
+def _path_problem(p: Path) -> str | None:
+    """Why a listed path cannot be used as a file name at all (NUL byte, name too long), else None."""
+    text = str(p)
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as err:
+        return str(err)
+    except OSError as err:
+        if err.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            return err.strerror or str(err)
+    return None
+
+
+#: Active caches of :func:`cached_manifests` (load_manifest results by path, content digest, classes,
+#: require_split).
+_CACHE: list[dict[tuple, pd.DataFrame]] = []
 
 
 def load_manifest(path: str | os.PathLike[str], classes: list[str], require_split: bool = True) -> pd.DataFrame:
@@ -200,8 +235,36 @@ def load_manifest(path: str | os.PathLike[str], classes: list[str], require_spli
         >>> df = load_manifest("data/manifest.csv", ["benign", "malignant"])  # doctest: +SKIP
         >>> df[["image_path", "label_idx", "split"]].head(1)  # doctest: +SKIP
     """
+    import hashlib
+
     path = Path(path)
-    df = _read_csv(path)
+    raw = _read_bytes(path)
+    cache = _CACHE[-1] if _CACHE else None
+    key = (str(path.resolve()), hashlib.sha1(raw).hexdigest(), tuple(classes), bool(require_split))
+    if cache is not None and key in cache:
+        return cache[key].copy()
+    out = _load_manifest(path, raw, list(classes), require_split)
+    if cache is not None:
+        cache[key] = out.copy()
+    return out
+
+
+@contextlib.contextmanager
+def cached_manifests() -> Iterator[None]:
+    """Within this block, :func:`load_manifest` reads each (unchanged) manifest and its images' headers once.
+
+    The pipeline checks the manifest before a run starts and the stages read it again: this makes the
+    second read free. Outside such a block every call reads the files again.
+    """
+    _CACHE.append({})
+    try:
+        yield
+    finally:
+        _CACHE.pop()
+
+
+def _load_manifest(path: Path, raw: bytes, classes: list[str], require_split: bool) -> pd.DataFrame:
+    df = _read_csv(path, raw)
     folder = path.parent.resolve()
     problems: list[tuple[str, str]] = []  # (message, fix key)
 
@@ -240,21 +303,31 @@ def load_manifest(path: str | os.PathLike[str], classes: list[str], require_spli
                 problems.append((f"{line} image is empty", "empty"))
         else:
             img_p = _resolve(folder, img_rel)
-            key = str(img_p.resolve()) if img_p.exists() else str(img_p)
-            if key in seen:
-                problems.append((f"{line} image {img_rel!r} already listed on line {seen[key]}", "duplicate"))
+            bad = _path_problem(img_p)
+            if bad is not None:
+                problems.append((f"{line} image {_q(img_rel)}: unusable path ({bad})", "file"))
+                img_p = None
             else:
-                seen[key] = int(i) + 2
-            img_size = _check_file(img_p, img_rel, line, "image", problems)
+                key = str(img_p.resolve()) if img_p.exists() else str(img_p)
+                if key in seen:
+                    problems.append((f"{line} image {_q(img_rel)} already listed on line {seen[key]}", "duplicate"))
+                else:
+                    seen[key] = int(i) + 2
+                img_size = _check_file(img_p, img_rel, line, "image", problems)
         image_paths.append(str(img_p) if img_p is not None else None)
 
         mask_p: Path | None = None
         if mask_rel != "":
             mask_p = _resolve(folder, mask_rel)
-            mask_size = _check_file(mask_p, mask_rel, line, "mask", problems)
+            bad = _path_problem(mask_p)
+            if bad is not None:
+                problems.append((f"{line} mask {_q(mask_rel)}: unusable path ({bad})", "file"))
+                mask_p, mask_size = None, None
+            else:
+                mask_size = _check_file(mask_p, mask_rel, line, "mask", problems)
             if img_size is not None and mask_size is not None and mask_size != img_size:
                 problems.append(
-                    (f"{line} mask {mask_rel!r} is {mask_size[0]}x{mask_size[1]} but its image is "
+                    (f"{line} mask {_q(mask_rel)} is {mask_size[0]}x{mask_size[1]} but its image is "
                      f"{img_size[0]}x{img_size[1]}", "size")
                 )
         mask_paths.append(str(mask_p) if mask_p is not None else None)
@@ -264,14 +337,14 @@ def load_manifest(path: str | os.PathLike[str], classes: list[str], require_spli
         else:
             label_idx.append(-1)
             if "label" not in missing:
-                problems.append((f"{line} label {label!r} not in data.classes [{', '.join(classes)}]", "label"))
+                problems.append((f"{line} label {_q(label)} not in data.classes [{', '.join(classes)}]", "label"))
 
         if row["split"] not in SPLITS and row["split"] != "":
-            problems.append((f"{line} split {row['split']!r} is not one of {', '.join(SPLITS)}", "split"))
+            problems.append((f"{line} split {_q(row['split'])} is not one of {', '.join(SPLITS)}", "split"))
 
         v = _parse_valpx(row["valpx"])
         if v is None:
-            problems.append((f"{line} valpx {row['valpx']!r} is not 0 or 1", "valpx"))
+            problems.append((f"{line} valpx {_q(row['valpx'])} is not 0 or 1", "valpx"))
             v = 0
         elif v == 1 and row["split"] != "valid" and not empty_split.all():
             problems.append((f"{line} valpx is 1 on a {row['split'] or 'split-less'} row (only valid rows)", "valpx"))
@@ -293,16 +366,16 @@ def load_manifest(path: str | os.PathLike[str], classes: list[str], require_spli
 
 def _check_file(p: Path, rel: str, line: str, what: str, problems: list[tuple[str, str]]) -> tuple[int, int] | None:
     if _suffix(p) not in IMAGE_SUFFIXES:
-        problems.append((f"{line} {what} {rel!r} has an unsupported format", "format"))
+        problems.append((f"{line} {what} {_q(rel)} has an unsupported format", "format"))
         return None
     if not p.is_file():
-        problems.append((f"{line} {what} {rel!r} not found", "file"))
+        problems.append((f"{line} {what} {_q(rel)} not found", "file"))
         return None
     try:
         return image_size(p)
     except DataError as err:
         reason = str(err).split(": ", 1)[-1].split("; fix:")[0]
-        problems.append((f"{line} {what} {rel!r}: {reason}", "unreadable"))
+        problems.append((f"{line} {what} {_q(rel)}: {reason}", "unreadable"))
         return None
 
 
@@ -312,7 +385,7 @@ def _raise(path: Path, problems: list[tuple[str, str]]) -> None:
     if n > MAX_LISTED:
         listed += f"; and {n - MAX_LISTED} more"
     fixes = list(dict.fromkeys(_FIXES[k] for _, k in problems))
-    raise DataError(f"{path}: {n} problem{'s' if n > 1 else ''}: {listed}; fix: {', and '.join(fixes)}")
+    raise ManifestError(f"{path}: {n} problem{'s' if n > 1 else ''}: {listed}; fix: {', and '.join(fixes)}")
 
 
 def assign_splits(df: pd.DataFrame, seed: int = 0, n_folds: int = 5, n_valpx: int = 6) -> pd.DataFrame:

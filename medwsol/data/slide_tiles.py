@@ -104,11 +104,15 @@ def qupath_geometry(
     else:
         raise DataError("GeoJSON: expected a FeatureCollection or Features; fix: export the annotations from QuPath "
                         "(File > Export objects as GeoJSON)")
+    if not isinstance(feats, list):
+        raise DataError(f"GeoJSON: 'features' is a {type(feats).__name__}, not a list; fix: export the annotations "
+                        "from QuPath (File > Export objects as GeoJSON)")
     wanted = None if class_names is None else {c.lower() for c in class_names}
     geoms = []
-    for f in feats:
-        if not isinstance(f, Mapping):
-            continue
+    for i, f in enumerate(feats):
+        if not isinstance(f, Mapping) or f.get("type") != "Feature":
+            raise DataError(f"GeoJSON: item {i} of the features is not a Feature (got {str(f)[:40]!r}); fix: export "
+                            "the annotations from QuPath (File > Export objects as GeoJSON)")
         g = f.get("geometry")
         if not isinstance(g, Mapping) or g.get("type") not in ("Polygon", "MultiPolygon"):
             continue
@@ -124,26 +128,36 @@ def qupath_geometry(
                     continue
             elif str(cname).lower() not in wanted:
                 continue
-        geoms.append(shapely.make_valid(shape(g)))
+        try:
+            geoms.append(shapely.make_valid(shape(g)))
+        except Exception as err:  # noqa: BLE001 - shapely raises many types on malformed coordinates
+            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            raise DataError(f"feature {i}: {g.get('type')} geometry cannot be built ({reason}); fix: re-export the "
+                            "annotations from QuPath") from None
     if not geoms:
         return Polygon()
-    u = shapely.unary_union(geoms)
-    polys = [p for p in getattr(u, "geoms", [u]) if p.geom_type in ("Polygon", "MultiPolygon")]
-    return shapely.unary_union(polys) if polys else Polygon()
+    try:
+        u = shapely.unary_union(geoms)
+        polys = [p for p in getattr(u, "geoms", [u]) if p.geom_type in ("Polygon", "MultiPolygon")]
+        return shapely.unary_union(polys) if polys else Polygon()
+    except Exception as err:  # noqa: BLE001 - GEOS errors on degenerate input
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise DataError(f"the polygons cannot be merged ({reason}); fix: re-export the annotations from QuPath") from None
 
 
 def read_annotations(path: str | os.PathLike[str], class_names: Sequence[str] | None = None):
-    """Tumour geometry of one slide from a ``.geojson`` / ``.geojson.gz`` file (see :func:`qupath_geometry`)."""
-    import gzip
+    """Tumour geometry of one slide from a ``.geojson`` / ``.geojson.gz`` file (see :func:`qupath_geometry`).
+
+    Raises:
+        DataError: one line naming the file: missing, not UTF-8, not JSON, not GeoJSON, or a geometry
+            shapely cannot build.
+    """
+    from medwsol.io import read_json_file
 
     p = Path(path)
-    try:
-        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-        obj = json.loads(raw)
-    except FileNotFoundError:
-        raise DataError(f"{p}: annotation file not found; fix: export it from QuPath as <slide stem>.geojson") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{p}: not a readable GeoJSON ({str(err).splitlines()[0][:120]}); fix: re-export it") from None
+    if not p.is_file():
+        raise DataError(f"{p}: annotation file not found; fix: export it from QuPath as <slide stem>.geojson")
+    obj = read_json_file(p, "GeoJSON")
     try:
         return qupath_geometry(obj, class_names)
     except DataError as err:
@@ -160,12 +174,21 @@ def read_slides_csv(
     tumour_class: str,
     normal_class: str,
 ) -> pd.DataFrame:
-    """Validate ``slides.csv``; report every problem at once.
+    """Validate ``slides.csv``.
+
+    Problems of the table itself (columns, labels, splits, empty paths, repeated slide names) fail
+    at once, listed together. Problems of one slide's files (the slide or the annotation file of a
+    tumour slide is missing) are returned in its ``problem`` column, so that :func:`prepare_slide_tiles`
+    records that slide as failed while the others go on; when the table also has problems of its
+    own they are listed with them.
 
     Returns:
         DataFrame with ``slide`` (absolute Path), ``stem``, ``label`` (a class name), ``is_tumour``,
-        ``group``, ``split`` ("" when not given) and ``annotations`` (Path or None).
+        ``group``, ``split`` ("" when not given), ``annotations`` (Path or None) and ``problem``
+        ("" when the slide's files are there).
     """
+    from medwsol.io import read_csv_table
+
     path = Path(slides_csv)
     if not path.is_file():
         raise DataError(f"{path}: slides.csv not found; fix: check data.tiles.slides")
@@ -173,11 +196,8 @@ def read_slides_csv(
         if c not in classes:
             raise DataError(f"{path}: tiles class {c!r} is not in data.classes {list(classes)}; "
                             "fix: set data.tiles.tumour_class/normal_class to classes listed there")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); fix: columns slide,label[,group,split]") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_csv_table(path, "slides.csv", DataError, empty_fix="add a header line slide,label[,group,split] and "
+                        "one row per slide")
     missing = [c for c in ("slide", "label") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: columns {missing} missing; fix: give at least slide,label (group, split optional)")
@@ -185,44 +205,50 @@ def read_slides_csv(
         raise DataError(f"{path}: no slides listed; fix: add one row per slide")
     ann_dir = Path(annotations_dir) if annotations_dir is not None else None
     alias = {**{a: tumour_class for a in TUMOUR_ALIASES}, **{a: normal_class for a in NORMAL_ALIASES}}
-    rows, problems = [], []
+    rows, problems, per_slide = [], [], []
     for i, r in df.iterrows():
         line = f"line {i + 2}"
         rel = str(r["slide"]).strip()
+        if not rel or "\x00" in rel:
+            problems.append(f"{line}: {'empty' if not rel else 'unusable'} slide path")
+            continue
         slide = Path(rel) if Path(rel).is_absolute() else (path.parent / rel)
         slide = Path(os.path.normpath(slide))
-        if not rel:
-            problems.append(f"{line}: empty slide path")
-            continue
-        if not slide.exists():
-            problems.append(f"{line}: slide {rel!r} not found")
+        problem = ""
+        if not _exists(slide):
+            problem = f"{slide}: slide file not found; fix: correct its path in {path.name} (relative to it)"
         raw = str(r["label"]).strip()
         label = raw if raw in classes else alias.get(raw.lower())
         if label not in (tumour_class, normal_class):
-            problems.append(f"{line}: label {raw!r} is neither {tumour_class!r} nor {normal_class!r} (or tumour/normal)")
+            problems.append(f"{line}: label {raw[:40]!r} is neither {tumour_class!r} nor {normal_class!r} "
+                            "(or tumour/normal)")
             continue
         stem = slide.stem
         group = str(r.get("group", "") or "").strip() or stem
         split = str(r.get("split", "") or "").strip().lower()
         if split not in ("", "train", "valid", "test"):
-            problems.append(f"{line}: split {split!r} is not train, valid or test")
+            problems.append(f"{line}: split {split[:20]!r} is not train, valid or test")
         ann = None
         given = str(r.get("annotations", "") or "").strip()
         if given:
             ann = Path(given) if Path(given).is_absolute() else path.parent / given
         elif ann_dir is not None:
             cands = [ann_dir / f"{stem}.geojson", ann_dir / f"{stem}.geojson.gz", ann_dir / f"{stem}.json"]
-            ann = next((c for c in cands if c.is_file()), None)
-        if label == tumour_class and (ann is None or not Path(ann).is_file()):
+            ann = next((c for c in cands if _exists(c)), None)
+        if not problem and label == tumour_class and (ann is None or not _exists(ann)):
             where = str(ann) if ann is not None else f"{ann_dir}/{stem}.geojson" if ann_dir else "(no annotations folder)"
-            problems.append(f"{line}: tumour slide {rel!r} has no annotation file {where}")
+            problem = (f"{slide}: tumour slide has no annotation file {where}; fix: export its tumour polygons from "
+                       "QuPath as <slide stem>.geojson")
+        if problem:
+            per_slide.append(f"{line}: {problem.split('; fix:')[0]}")
         rows.append({"slide": slide, "stem": stem, "label": label, "is_tumour": label == tumour_class,
-                     "group": group, "split": split, "annotations": ann})
+                     "group": group, "split": split, "annotations": ann, "problem": problem})
     out = pd.DataFrame(rows)
     if len(out) and out["stem"].duplicated().any():
         dup = sorted(set(out.loc[out["stem"].duplicated(), "stem"]))
         problems.append(f"slide names repeat: {dup[:_MAX_LISTED]} (tile files are named by slide stem)")
     if problems:
+        problems += per_slide
         more = f" (+{len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
         raise DataError(f"{path}: " + "; ".join(problems[:_MAX_LISTED]) + more
                         + "; fix: correct slides.csv (paths are relative to it) or add the missing files")
@@ -230,6 +256,13 @@ def read_slides_csv(
     if "" in splits and len(splits) > 1:
         raise DataError(f"{path}: split is given on some rows only; fix: fill it on every row or on none")
     return out
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -269,7 +302,7 @@ def _slide_splits(slides: pd.DataFrame, seed: int, n_folds: int, path: Path) -> 
     return slides["group"].map(split).to_numpy()
 
 
-def _candidates(row, tiles_cfg, slide, base_mpp: float, tumour) -> pd.DataFrame:
+def _candidates(row, tiles_cfg, slide, base_mpp: float, tumour, max_read_mpx: float | None = None) -> pd.DataFrame:
     """Tissue-filtered grid of one slide with tissue and tumour fractions (no pixels read yet)."""
     from shapely.geometry import box
 
@@ -279,7 +312,8 @@ def _candidates(row, tiles_cfg, slide, base_mpp: float, tumour) -> pd.DataFrame:
     ts, mpp = int(tiles_cfg.tile_size), float(tiles_cfg.mpp)
     scale = mpp / base_mpp  # level-0 px per tile px
     tissue_mpp = max(min(16.0, ts * mpp / 8.0), base_mpp)
-    mask, mask_mpp = tissue_mask(slide, mpp=tissue_mpp, base_mpp=base_mpp)
+    kw = {} if max_read_mpx is None else {"max_read_mpx": max_read_mpx}
+    mask, mask_mpp = tissue_mask(slide, mpp=tissue_mpp, base_mpp=base_mpp, **kw)
     xy, frac = tile_grid(slide.dimensions, base_mpp, mpp, ts, 0, mask, mask_mpp, tiles_cfg.min_tissue,
                          return_fraction=True)
     tum = np.zeros(len(xy), np.float32)
@@ -338,23 +372,39 @@ def prepare_slide_tiles(
 
     slides_csv, out_dir = Path(slides_csv), Path(out_dir)
     t = tiles_cfg
+    _check_replaceable(out_dir, manifest_name)
     slides = read_slides_csv(slides_csv, annotations_dir, classes, t.tumour_class, t.normal_class)
     slides["split"] = _slide_splits(slides, seed, n_folds, slides_csv)
     tumour_names = sorted({*TUMOUR_ALIASES, t.tumour_class.lower()})
+    failures: dict[Any, str] = {si: s["problem"] for si, s in slides.iterrows() if s["problem"]}
+    limit = getattr(t, "max_tissue_read_mpx", None)
 
     bar = _progress(progress, len(slides), "tiles")
     cands, geoms, mpps = [], {}, {}
     for si, s in slides.iterrows():
-        geom = read_annotations(s["annotations"], tumour_names) if s["annotations"] is not None else None
-        if not s["is_tumour"] and geom is not None and not geom.is_empty:
-            raise DataError(f"{s['annotations']}: normal slide {s['slide'].name} has tumour polygons; fix: label the "
-                            f"slide {t.tumour_class!r} or remove its tumour annotations")
-        slide = open_slide(s["slide"])
+        if si in failures:
+            continue
         try:
-            base, _ = slide_mpp(slide)
-            c = _candidates(s, t, slide, base, geom if s["is_tumour"] else None)
+            geom = read_annotations(s["annotations"], tumour_names) if s["annotations"] is not None else None
+            if not s["is_tumour"] and geom is not None and not geom.is_empty:
+                raise DataError(f"{s['annotations']}: normal slide {s['slide'].name} has tumour polygons; fix: label "
+                                f"the slide {t.tumour_class!r} or remove its tumour annotations")
+            if s["is_tumour"] and (geom is None or geom.is_empty):
+                raise DataError(f"{s['annotations']}: tumour slide {s['slide'].name} has no tumour polygon (classified "
+                                f"{', '.join(tumour_names)}, or unclassified); fix: export its tumour annotations, or "
+                                f"set data.tiles.tumour_class to the class used in QuPath")
+            slide = open_slide(s["slide"])
+            try:
+                base, _ = slide_mpp(slide)
+                c = _candidates(s, t, slide, base, geom if s["is_tumour"] else None, limit)
+            finally:
+                slide.close()
+        except Exception as err:  # noqa: BLE001 - one slide never stops the cohort
+            failures[si] = _slide_failure(s["slide"], err)
+            continue
         finally:
-            slide.close()
+            if bar:
+                bar.advance(bar.task_ids[0])
         if s["is_tumour"]:
             c = c[c["tumour"] >= t.min_tumour]
         rng = np.random.default_rng([seed, si])
@@ -363,15 +413,18 @@ def prepare_slide_tiles(
         c = c.assign(si=si, label=s["label"], split=s["split"], group=s["group"])
         cands.append(c)
         geoms[si], mpps[si] = geom, base
-        if bar:
-            bar.advance(bar.task_ids[0])
     if bar:
         bar.stop()
     tiles = pd.concat(cands, ignore_index=True) if cands else pd.DataFrame()
-    for cls in (t.tumour_class, t.normal_class):
-        if not len(tiles) or not (tiles["label"] == cls).any():
-            raise DataError(f"{slides_csv}: no {cls!r} tile passed the filters (min_tissue {t.min_tissue}, "
-                            f"min_tumour {t.min_tumour}); fix: add {cls} slides or lower the thresholds")
+    missing_class = [cls for cls in (t.tumour_class, t.normal_class)
+                     if not len(tiles) or not (tiles["label"] == cls).any()]
+    if missing_class:
+        if failures:
+            _write_slide_status(out_dir, manifest_name, slides, failures, None)
+            _raise_failures(slides_csv, out_dir, manifest_name, slides, failures, wrote=False)
+        cls = missing_class[0]
+        raise DataError(f"{slides_csv}: no {cls!r} tile passed the filters (min_tissue {t.min_tissue}, "
+                        f"min_tumour {t.min_tumour}); fix: add {cls} slides or lower the thresholds")
     tiles = _balance(tiles, seed)
     tiles["valpx"] = _choose_valpx(tiles, n_valpx, seed)
 
@@ -380,32 +433,97 @@ def prepare_slide_tiles(
     with atomic_dir(out_dir / "tiles") as tdir, atomic_dir(out_dir / "masks") as mdir:
         for si, group in tiles.groupby("si", sort=True):
             s = slides.loc[si]
-            slide = open_slide(s["slide"])
+            slide_rows, written = [], []
             try:
-                for r in group.itertuples():
-                    fname = f"{s['stem']}_x{r.x}_y{r.y}.png"
-                    rgb = read_region_at_mpp(slide, int(r.x), int(r.y), ts, ts, mpp, mpps[si])
-                    mask = (rasterize_geometry(geoms[si], r.x, r.y, ts, ts, mpp / mpps[si]) if s["is_tumour"]
-                            else np.zeros((ts, ts), bool))
-                    Image.fromarray(rgb).save(tdir / fname, format="PNG", compress_level=1)
-                    Image.fromarray(mask.astype(np.uint8) * 255).save(mdir / fname, format="PNG")
-                    rows.append({
-                        "image": str((out_dir / "tiles" / fname).resolve()), "mask": str((out_dir / "masks" / fname).resolve()),
-                        "label": r.label, "split": r.split, "group": r.group, "valpx": int(r.valpx),
-                        "slide": str(s["slide"]), "x": int(r.x), "y": int(r.y), "tissue": float(r.tissue),
-                        "tumour": round(float(mask.mean()), 4) if s["is_tumour"] else 0.0, "mpp": mpp, "size": ts,
-                    })
-            finally:
-                slide.close()
+                slide = open_slide(s["slide"])
+                try:
+                    for r in group.itertuples():
+                        fname = f"{s['stem']}_x{r.x}_y{r.y}.png"
+                        rgb = read_region_at_mpp(slide, int(r.x), int(r.y), ts, ts, mpp, mpps[si])
+                        mask = (rasterize_geometry(geoms[si], r.x, r.y, ts, ts, mpp / mpps[si]) if s["is_tumour"]
+                                else np.zeros((ts, ts), bool))
+                        written += [tdir / fname, mdir / fname]
+                        Image.fromarray(rgb).save(tdir / fname, format="PNG", compress_level=1)
+                        Image.fromarray(mask.astype(np.uint8) * 255).save(mdir / fname, format="PNG")
+                        slide_rows.append({
+                            "image": str((out_dir / "tiles" / fname).resolve()),
+                            "mask": str((out_dir / "masks" / fname).resolve()),
+                            "label": r.label, "split": r.split, "group": r.group, "valpx": int(r.valpx),
+                            "slide": str(s["slide"]), "x": int(r.x), "y": int(r.y), "tissue": float(r.tissue),
+                            "tumour": round(float(mask.mean()), 4) if s["is_tumour"] else 0.0, "mpp": mpp, "size": ts,
+                        })
+                finally:
+                    slide.close()
+            except Exception as err:  # noqa: BLE001 - a slide that fails while its tiles are read is dropped
+                for f in written:
+                    f.unlink(missing_ok=True)
+                failures[si] = _slide_failure(s["slide"], err)
+                continue
+            rows += slide_rows
     manifest = pd.DataFrame(rows)
     path = write_manifest(manifest, out_dir / manifest_name)
-    counts = manifest.groupby(["split", "label"]).size().to_dict()
+    counts = manifest.groupby(["split", "label"]).size().to_dict() if len(manifest) else {}
     write_json(out_dir / (Path(manifest_name).stem + "_summary.json"), {
         "slides_csv": str(slides_csv), "tiles": len(manifest), "counts": {f"{a}/{b}": int(n) for (a, b), n in counts.items()},
         "slides": {str(s["slide"]): s["split"] for _, s in slides.iterrows()}, "tile_size": ts, "mpp": mpp,
         "min_tissue": t.min_tissue, "min_tumour": t.min_tumour, "seed": seed,
+        "failed": {str(slides.loc[si, "slide"]): msg for si, msg in failures.items()},
     })
+    _write_slide_status(out_dir, manifest_name, slides, failures, manifest)
+    if failures:
+        _raise_failures(slides_csv, out_dir, manifest_name, slides, failures, wrote=True)
     return path
+
+
+def _check_replaceable(out_dir: Path, manifest_name: str) -> None:
+    """``tiles/``, ``masks/`` and the manifest are replaced: only in a folder this function wrote before."""
+    if not out_dir.is_dir():
+        return
+    ours = (out_dir / (Path(manifest_name).stem + "_summary.json")).is_file()
+    clash = [n for n in ("tiles", "masks", manifest_name) if (out_dir / n).exists()]
+    if clash and not ours:
+        raise DataError(f"{out_dir}: holds {', '.join(clash)} that prepare slides did not write (no "
+                        f"{Path(manifest_name).stem}_summary.json), and it would replace them; fix: choose an empty "
+                        "or new output folder")
+
+
+def _slide_failure(slide: Path, err: BaseException) -> str:
+    """One line for a slide that failed: the error, prefixed with the slide when it does not name it."""
+    from medwsol.errors import MedwsolError, one_line
+
+    msg = one_line(err, 400)
+    if not isinstance(err, MedwsolError):
+        msg = f"{type(err).__name__}: {msg}"
+    return msg if str(slide) in msg or slide.name in msg else f"{slide}: {msg}"
+
+
+def _status_path(out_dir: Path, manifest_name: str) -> Path:
+    return out_dir / (Path(manifest_name).stem + "_slides.csv")
+
+
+def _write_slide_status(out_dir: Path, manifest_name: str, slides: pd.DataFrame, failures: dict,
+                        manifest: pd.DataFrame | None) -> None:
+    """``<manifest stem>_slides.csv``: slide, split, status (ok/failed), tiles, error: one row per slide."""
+    per = manifest["slide"].value_counts().to_dict() if manifest is not None and len(manifest) else {}
+    table = pd.DataFrame([{
+        "slide": str(s["slide"]), "split": s["split"], "status": "failed" if si in failures else "ok",
+        "tiles": 0 if si in failures else int(per.get(str(s["slide"]), 0)), "error": failures.get(si, ""),
+    } for si, s in slides.iterrows()], columns=["slide", "split", "status", "tiles", "error"])
+    with atomic_path(_status_path(out_dir, manifest_name)) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def _raise_failures(slides_csv: Path, out_dir: Path, manifest_name: str, slides: pd.DataFrame, failures: dict,
+                    wrote: bool) -> None:
+    from medwsol.errors import SlideError
+
+    first = next(iter(failures.values()))
+    n, total = len(failures), len(slides)
+    done = f"the other slides' tiles are in {out_dir / manifest_name}" if wrote else "no manifest written"
+    what, _, fix = first.partition("; fix: ")
+    first = f"{what} ({fix})" if fix else what
+    raise SlideError(f"{slides_csv}: {n} of {total} slide(s) failed ({done}); first: {first}; see "
+                     f"{_status_path(out_dir, manifest_name)} for each; fix: correct or remove those slides and re-run")
 
 
 def _balance(tiles: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -498,8 +616,15 @@ def make_synthetic_slide_cohort(out_dir: str | os.PathLike[str], synth_cfg: Any,
     out = Path(out_dir)
     settings = synth_cfg.model_dump() if hasattr(synth_cfg, "model_dump") else dict(synth_cfg)
     marker = out / "cohort.json"
-    if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(settings, default=str)):
-        if all((out / n).is_file() for n in ("slides.csv", "test_slides.csv")):
+    if marker.is_file():
+        from medwsol.errors import MedwsolError
+        from medwsol.io import read_json_file
+
+        try:
+            same = read_json_file(marker, "cohort stamp") == json.loads(json.dumps(settings, default=str))
+        except MedwsolError:
+            same = False  # an unreadable stamp: build the cohort again
+        if same and all((out / n).is_file() for n in ("slides.csv", "test_slides.csv")):
             return out / "slides.csv"
     specs = [(f"train_{i:03d}", i % 2 == 0, "slides.csv") for i in range(int(settings["n_train"]))]
     specs += [(f"test_{i:03d}", True, "test_slides.csv") for i in range(int(settings["n_test"]))]

@@ -42,6 +42,9 @@ __all__ = [
 LEVEL_TOLERANCE = 0.01
 #: Largest region (level pixels) read in one OpenSlide call; bigger reads are done block by block.
 MAX_READ_PX = 2048 * 2048
+#: Default limit on the pixels (millions) the tissue mask may read: a slide without a pyramid level near
+#: the mask's resolution fails at once with a reason instead of decoding its whole level 0 for minutes.
+MAX_TISSUE_READ_MPX = 500.0
 
 
 def slide_name(slide) -> str:
@@ -276,6 +279,7 @@ def tissue_mask(
     min_object_um2: float = 5000.0,
     max_hole_um2: float = 5000.0,
     closing_um: float = 32.0,
+    max_read_mpx: float | None = MAX_TISSUE_READ_MPX,
 ) -> tuple[np.ndarray, float]:
     """Tissue mask from a low-resolution image: Otsu on HSV saturation plus morphological clean-up.
 
@@ -293,9 +297,15 @@ def tissue_mask(
         min_object_um2: tissue islands smaller than this (µm², at most a tenth of the slide) are dropped.
         max_hole_um2: holes smaller than this (µm²) are filled.
         closing_um: radius of the closing disk (µm).
+        max_read_mpx: refuse to read more than this many million pixels from the pyramid level
+            chosen for the mask (None: no limit); a slide with no level near ``mpp`` would otherwise
+            be decoded at full resolution.
 
     Returns:
         ``(mask, mask_mpp)``: bool array ``[rows, cols]`` covering the whole slide and its actual µm/px.
+
+    Raises:
+        SlideError: the read would exceed ``max_read_mpx``.
 
     Example:
         >>> from medwsol.data.slides import open_slide, tissue_mask  # doctest: +SKIP
@@ -309,6 +319,17 @@ def tissue_mask(
     mw = max(1, round(w0 * base / mpp))
     mh = max(1, round(h0 * base / mpp))
     mask_mpp = w0 * base / mw
+    if max_read_mpx is not None:
+        level, within = best_level_for_mpp(slide, mask_mpp, base)
+        n = round(mw * within) * round(mh * within)
+        if n > max_read_mpx * 1e6:
+            lw, lh = slide.level_dimensions[level]
+            raise SlideError(
+                f"{slide_name(slide)}: tissue detection would decode {n / 1e6:,.3g} Mpx from pyramid level {level} "
+                f"({lw}x{lh} px; the slide has no level near {mask_mpp:.3g} µm/px), over the {max_read_mpx:g} Mpx "
+                "limit; fix: convert it to a pyramidal TIFF (e.g. vips tiffsave SLIDE OUT.tif --tile --pyramid "
+                "--compression jpeg) or raise max_tissue_read_mpx"
+            )
     rgb = read_region_at_mpp(slide, 0, 0, mw, mh, mask_mpp, base)
     sat = saturation(rgb)
     del rgb

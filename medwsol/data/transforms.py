@@ -87,8 +87,19 @@ def _pil_to_rgb_mode(img):
     return img.convert("RGB")
 
 
+def _decode_error(filename: Any, err: BaseException) -> DataError:
+    """A reader's failure to decode pixel data (a header can be valid while the data are truncated)."""
+    text = str(err).strip()
+    reason = text.splitlines()[0][:160] if text else type(err).__name__
+    return DataError(f"{filename}: cannot decode the image data ({reason}); fix: the file is truncated or corrupt, "
+                     "re-export or re-copy it (or remove it from the manifest)")
+
+
 class PILImageReader(PILReader):
     """MONAI's ``PILReader`` that also accepts ``.tif``/``.tiff``.
+
+    Pixel data that cannot be decoded (a truncated file whose header is fine) raise a
+    ``DataError`` naming the file.
 
     Args:
         converter: optional ``PIL.Image -> PIL.Image`` applied after opening.
@@ -103,6 +114,19 @@ class PILImageReader(PILReader):
     def verify_suffix(self, filename) -> bool:
         return is_supported_format(filename, self.suffixes)
 
+    def read(self, data, **kwargs):
+        try:
+            return super().read(data, **kwargs)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise _decode_error(ensure_tuple(data)[0], err) from None
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        try:
+            return super().get_data(img)
+        except (OSError, ValueError, SyntaxError) as err:
+            first = img[0] if isinstance(img, (list, tuple)) and img else img
+            raise _decode_error(getattr(first, "filename", "image"), err) from None
+
 
 class Nibabel2DReader(NibabelReader):
     """MONAI's ``NibabelReader`` for 2-D NIfTI (medwsol reads 2-D images only).
@@ -113,7 +137,14 @@ class Nibabel2DReader(NibabelReader):
     """
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
-        data, meta = super().get_data(img)
+        import zlib
+
+        try:
+            data, meta = super().get_data(img)
+        except (OSError, EOFError, ValueError, zlib.error) as err:
+            first = img[0] if isinstance(img, (list, tuple)) and img else img
+            name = first.get_filename() if hasattr(first, "get_filename") else "image"
+            raise _decode_error(name, err) from None
         shape = np.asarray(meta.get("spatial_shape", data.shape[:2]))
         if data.ndim >= 3 and data.shape[2] == 1 and len(shape) >= 3:
             data = data[:, :, 0]
@@ -147,7 +178,12 @@ class SimpleITKReader(ImageReader):
     def read(self, data, **kwargs):
         import SimpleITK as sitk
 
-        imgs = [sitk.ReadImage(str(name)) for name in ensure_tuple(data)]
+        imgs = []
+        for name in ensure_tuple(data):
+            try:
+                imgs.append(sitk.ReadImage(str(name)))
+            except RuntimeError as err:
+                raise _decode_error(name, err) from None
         return imgs if len(imgs) > 1 else imgs[0]
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:

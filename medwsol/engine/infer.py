@@ -593,7 +593,8 @@ def infer_slide(
     try:
         base_mpp, mpp_source = slide_mpp(slide, cfg.fallback_mpp)
         w0, h0 = (int(v) for v in slide.dimensions)
-        mask, mask_mpp = tissue_mask(slide, mpp=cfg.tissue_mpp, base_mpp=base_mpp)
+        mask, mask_mpp = tissue_mask(slide, mpp=cfg.tissue_mpp, base_mpp=base_mpp,
+                                     max_read_mpx=getattr(cfg, "max_tissue_read_mpx", None))
     finally:
         slide.close()
     xy, frac = tile_grid((w0, h0), base_mpp, cfg.target_mpp, cfg.tile_size, overlap, mask, mask_mpp,

@@ -205,20 +205,27 @@ def train(cfg, run_dir: Path | None, tracker=None, resume: bool = False, dist=No
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume; fix: drop --resume or pass the right --run-dir")
         ck = read_checkpoint(last_path)
-        if ck.get("model", {}).get("method") != cfg.model.method:
-            raise CheckpointError(f"{last_path}: checkpoint is of method {ck.get('model', {}).get('method')!r}, "
+        described = ck.get("model") if isinstance(ck.get("model"), dict) else {}
+        if described.get("method") != cfg.model.method:
+            raise CheckpointError(f"{last_path}: checkpoint is of method {described.get('method')!r}, "
                                   f"config says {cfg.model.method!r}; fix: resume with the run's own config")
-        model.load_state_dict(ck["state_dict"])
-        model.load_extra_state(ck.get("extra_state") or {})
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch = int(ck["epoch"]) + 1
-        best_val, best_epoch, stale = ck.get("best_value"), int(ck.get("best_epoch", -1)), int(ck.get("stale", 0))
-        history = list(ck.get("history") or [])
-        best_row = next((r for r in history if r["epoch"] == best_epoch), None)
-        best_key = None if best_row is None else selection_key(best_row, key, higher, guard)
+        try:
+            model.load_state_dict(ck["state_dict"])
+            model.load_extra_state(ck.get("extra_state") or {})
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            start_epoch = int(ck["epoch"]) + 1
+            best_val, best_epoch, stale = ck.get("best_value"), int(ck.get("best_epoch", -1)), int(ck.get("stale", 0))
+            history = list(ck.get("history") or [])
+            best_row = next((r for r in history if r["epoch"] == best_epoch), None)
+            best_key = None if best_row is None else selection_key(best_row, key, higher, guard)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{last_path}: cannot resume from it ({type(err).__name__}: {reason}); it does not "
+                                  "match the configured model and optimizer; fix: resume with the run's own config "
+                                  "(its config.yaml), or --overwrite to train again") from None
         console.print(f"resuming from {last_path} at epoch {start_epoch}")
 
     n_train = len(train_recs)

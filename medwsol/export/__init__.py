@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -76,28 +75,49 @@ def read_slide_outputs(slide_out_dir: str | os.PathLike[str]) -> tuple[Any, Any,
 
     from medwsol.errors import SlideError
 
+    from medwsol.errors import MedwsolError
+    from medwsol.io import read_json_file
+
     folder = Path(slide_out_dir)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise SlideError(f"{folder}: no meta.json (not a finished slide output); fix: run the infer stage first")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = read_json_file(meta_path, "meta.json")
+    except MedwsolError as err:
+        raise SlideError(f"{err}".replace("; fix:", "; fix: re-run the infer stage for this slide, or", 1)) from None
+    if not isinstance(meta, dict):
+        raise SlideError(f"{meta_path}: not a JSON object; fix: re-run the infer stage for this slide")
     missing = [k for k in ("width", "height", "slide_mpp", "level0_per_heatmap_px") if k not in meta]
     if missing:
         raise SlideError(f"{meta_path}: keys {missing} missing; fix: re-run the infer stage for this slide")
+    bad = [k for k in ("width", "height", "slide_mpp", "level0_per_heatmap_px")
+           if isinstance(meta[k], bool) or not isinstance(meta[k], (int, float)) or not meta[k] > 0]
+    if bad:
+        raise SlideError(f"{meta_path}: {', '.join(bad)} must be positive numbers; fix: re-run the infer stage for "
+                         "this slide")
     fmt = meta.get("heatmap_format", "npy")
     hname, cname = meta.get("heatmap", f"heatmap.{fmt}"), meta.get("coverage", f"coverage.{fmt}")
     if not (folder / hname).exists():
         raise SlideError(f"{folder / hname}: heatmap missing; fix: re-run the infer stage for this slide")
-    if fmt == "zarr":
-        import zarr
+    try:
+        if fmt == "zarr":
+            import zarr
 
-        heat = zarr.open_array(str(folder / hname), mode="r")
-        cov = zarr.open_array(str(folder / cname), mode="r") if (folder / cname).exists() else None
-    else:
-        heat = np.load(folder / hname, mmap_mode="r")
-        cov = np.load(folder / cname, mmap_mode="r") if (folder / cname).exists() else None
-    tiles_csv = folder / "tiles.csv"
-    tiles = pd.read_csv(tiles_csv) if tiles_csv.is_file() and tiles_csv.stat().st_size else None
+            heat = zarr.open_array(str(folder / hname), mode="r")
+            cov = zarr.open_array(str(folder / cname), mode="r") if (folder / cname).exists() else None
+        else:
+            heat = np.load(folder / hname, mmap_mode="r", allow_pickle=False)
+            cov = np.load(folder / cname, mmap_mode="r", allow_pickle=False) if (folder / cname).exists() else None
+        if getattr(heat, "ndim", 0) != 2 or (cov is not None and tuple(cov.shape) != tuple(heat.shape)):
+            raise ValueError(f"heatmap shape {getattr(heat, 'shape', None)}, coverage shape "
+                             f"{None if cov is None else cov.shape}")
+        tiles_csv = folder / "tiles.csv"
+        tiles = pd.read_csv(tiles_csv) if tiles_csv.is_file() and tiles_csv.stat().st_size else None
+    except Exception as err:  # noqa: BLE001 - numpy/zarr/pandas raise many types on damaged files
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SlideError(f"{folder}: the heatmap outputs are damaged ({reason}); fix: re-run the infer stage for this "
+                         "slide (with --overwrite)") from None
     return heat, cov, tiles, meta
 
 
