@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 # CPU wheel instead of pulling a multi-GB CUDA build (see docs/install.md).
 TORCH ?= torch==2.13.0
 
+SEEDS ?= 0,1,2
+
 .PHONY: install demo test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -28,8 +30,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# every method on the demo, once per seed, mean ± sd (hours on 2 CPU cores; rewrites docs/benchmarks.md)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/methods.py pipelines/demo.yaml
+	$(BIN)/medwsol benchmark methods pipelines/demo.yaml --seeds $(SEEDS)
 
 clean:
 	rm -rf $(VENV) runs data mlflow.db mlartifacts .pytest_cache
