@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Both create .venv and install the project on first use; afterwards they skip the install.
+# Both create .venv and install the project on first use, at the versions of requirements/lock.txt (the
+# versions the test suite passed with); afterwards they skip the install.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,15 +9,16 @@ STAMP := $(VENV)/.installed
 # torch==2.13.0 is named in the same pip command as monai so that pip keeps the
 # CPU wheel instead of pulling a multi-GB CUDA build (see docs/install.md).
 TORCH ?= torch==2.13.0
-
+# the tested versions; `make install LOCK=` installs the newest versions the floors in pyproject.toml allow
+LOCK ?= requirements/lock.txt
 SEEDS ?= 0,1,2
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench floors clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet $(if $(LOCK),-c $(LOCK)) "$(TORCH)" -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,5 +36,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/medwsol benchmark methods pipelines/demo.yaml --seeds $(SEEDS)
 
+# the dependency floors of pyproject.toml in a venv of their own (.venv-floors), then the fast tests
+floors:
+	PY=$(PY) bash .ci/floors.sh
+
 clean:
-	rm -rf $(VENV) runs data mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) .venv-floors runs data mlflow.db mlartifacts .pytest_cache

@@ -150,7 +150,7 @@ def test_plot_pr_curve_from_pixel_pr(tmp_path):
     pr.update(heat, gt)
     p, r = pr.precision_recall()
     w, h = png_size(plot_pr_curve(p, r, tmp_path / "pr.png", label=f"toy PxAP {pr.pxap():.3f}", baseline=gt.mean()))
-    assert (w, h) == (500, 460)
+    assert w == 500 and abs(h - 460) <= 1  # 5.0 x 4.6 in at 100 dpi (4.6 * 100 rounds to 459 with some versions)
     png_size(plot_pr_curve([p, p], [r, r ** 2], tmp_path / "pr2.png", label=["a", "b"]))
     with pytest.raises(DataError):
         plot_pr_curve([p], [r, r], tmp_path / "bad.png", label=["a"])
@@ -326,5 +326,6 @@ def test_slide_thumbnail_png_blends_heat_only_where_it_is_defined(tmp_path):
     assert abs((grey[3] - grey[2]) - (blend[3] - blend[2])) <= 1  # two equal halves
     assert abs((grey[3] - grey[2] + blend[3] - blend[2] + 2) / (grey[1] - grey[0] + 1) - 2.0) < 0.05  # 2:1 thumbnail
     bar = png[grey[0] : grey[1] + 1, blend[3] + 2 :]  # the colour bar, right of the image: from near black to light
-    for v in (0.02, 0.5, 0.98):
-        assert np.all(np.abs(bar.astype(int) - _cmap_colour(v)) <= 3, axis=-1).any(), v
+    for v in (0.02, 0.5, 0.98):  # the bar is ~80 px for 256 colours: accept a neighbouring colour
+        near = [_cmap_colour(u) for u in np.linspace(v - 0.02, v + 0.02, 11)]
+        assert any(np.all(np.abs(bar.astype(int) - c) <= 3, axis=-1).any() for c in near), v

@@ -152,7 +152,7 @@ def train(cfg, run_dir: Path, tracker=None, resume: bool = False) -> dict[str, A
 
     if cfg.model.pretrained is None:
         console.print("[yellow]warning:[/] model.pretrained is not set: the backbone starts from random weights "
-                      "(set it to a local ImageNet .pth for paper-like results)")
+                      "(set it to imagenet or a local ImageNet .pth for paper-like results)")
     model = build_method(cfg.model.method, num_classes=len(classes), backbone=cfg.model.backbone,
                          pretrained=cfg.model.pretrained, output_stride=cfg.model.output_stride,
                          params=cfg.model.params).to(device)
