@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # repository folders whose files the docs point at (outputs such as runs/ or data/ are not checked)
 REF = re.compile(r"(?<![\w./-])((?:docs|pipelines|benchmarks|tests|requirements|data_manifests|medwsol|\.ci|docker)"
                  r"/[A-Za-z0-9_./-]*[A-Za-z0-9_])")
-# files that `prepare` or a user writes, named in the docs as outputs
-OUTPUTS = {"data_manifests/glas.csv", "data_manifests/glas_masks"}
+# files that `prepare` or a user writes, named in the docs as outputs or as examples of the user's own
+OUTPUTS = {"data_manifests/glas.csv", "data_manifests/glas_masks", "docker/.env", "docker/compose.override.yaml",
+           "pipelines/my.yaml"}
 
 
 def _sources() -> list[Path]:

@@ -16,7 +16,8 @@ from medwsol.checkpoint import read_checkpoint
 from medwsol.config import load_config
 from medwsol.engine import evaluate as evaluate_mod
 from medwsol.engine.train import selection_key, train
-from medwsol.pipeline import RunContext, stage_prepare
+from medwsol.pipeline import RunContext
+from medwsol.stages import stage_prepare
 from medwsol.tracking import NullTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +58,12 @@ def _run(tmp, run_dir, monkeypatch, trajectory, sets):
         row = trajectory[epoch]
         if which == 0:
             return {"error": row["val_error"], "loss": row.get("val_loss", 1.0), "n": 4}
-        return {"error": 0.0, "loss": 1.0, "n": 2, "pxap": row.get("valpx_pxap", 50.0), "miou": 40.0, "tau": 0.5}
+        return {"error": 0.0, "loss": 1.0, "n": 2, "pxap": row.get("valpx_pxap", 50.0), "miou": 40.0, "dice": 45.0,
+                "tau": 0.5}
 
     monkeypatch.setattr(evaluate_mod, "score_split", fake_score_split)
     cfg = _cfg(tmp, [f"train.epochs={len(trajectory)}", *sets])
-    summary = train(RunContext(cfg=cfg, run_dir=run_dir, tracker=NullTracker()))
+    summary = train(cfg, run_dir, tracker=NullTracker())
     best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
     log = pd.read_csv(run_dir / "train_log.csv")
     return summary, int(best["epoch"]) + 1, log
