@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Both create .venv and install the project on first use; afterwards they skip the install.
+# Both create .venv and install the project on first use, at the versions of requirements/lock.txt (the
+# versions the test suite passed with); afterwards they skip the install.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,13 +11,16 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 # when make started (before any install): `make demo` prints its wall time including the install
 T0 := $(shell date +%s)
+# the tested versions; `make install LOCK=` installs the newest versions the floors in pyproject.toml allow
+LOCK ?= requirements/lock.txt
+SEEDS ?= 0,1,2
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench floors clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet --no-compile $(if $(LOCK),-c $(LOCK)) "$(TORCH)" -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,8 +35,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# every method on the demo, once per seed, mean ± sd (hours on 2 CPU cores; rewrites docs/benchmarks.md)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/methods.py pipelines/demo.yaml
+	$(BIN)/medwsol benchmark methods pipelines/demo.yaml --seeds $(SEEDS)
+
+# the dependency floors of pyproject.toml in a venv of their own (.venv-floors), then the fast tests
+floors:
+	PY=$(PY) bash .ci/floors.sh
 
 clean:
-	rm -rf $(VENV) runs data mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) .venv-floors runs data mlflow.db mlartifacts .pytest_cache

@@ -654,12 +654,19 @@ def package_check_runtime(
 def benchmark_methods(
     config: Path = typer.Argument(Path("pipelines/demo.yaml")),
     methods: Optional[List[str]] = typer.Option(None, "--method", help="Methods to compare (default: all)."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Comma-separated training seeds, e.g. 0,1,2: each method is trained once per seed and "
+        "the table shows mean ± sd (default: the pipeline's seed)."),
     overrides: Optional[List[str]] = SetOpt,
     out: Path = typer.Option(Path("docs/benchmarks.md"), "--out", help="Markdown file whose methods table is updated."),
 ) -> None:
-    """Train every method on the same split and seed; print one comparison table."""
-    from medwsol.benchmark import run_methods_benchmark
+    """Train every method on the same split (and seeds); print one comparison table."""
+    from medwsol.benchmark import parse_seeds, run_methods_benchmark
 
+    try:
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+    except ValueError as err:
+        _fail(str(err))
     cfg = _load(config, overrides, stages=["prepare", "train", "evaluate"])
     if methods:
         from medwsol.errors import ConfigError, RegistryError
@@ -671,7 +678,7 @@ def benchmark_methods(
             except RegistryError as err:
                 raise ConfigError(f"--method {m!r}: {err}") from None
     _check_out(out, kind="file")
-    run_methods_benchmark(cfg, config_path=config, methods=methods or None, out_md=out)
+    run_methods_benchmark(cfg, config_path=config, methods=methods or None, out_md=out, seeds=seed_list)
 
 
 def main() -> None:

@@ -161,7 +161,9 @@ class ModelConfig(Section):
 
     method: str = "minmax_entropy"
     backbone: str = "resnet18"
-    pretrained: Path | None = Field(None, description="local ImageNet weights (torchvision layout accepted)")
+    pretrained: Literal["imagenet"] | Path | None = Field(
+        None, description="'imagenet' (torchvision's weights, downloaded once and cached) or a local .pth "
+        "(torchvision or MONAI layout)")
     output_stride: Literal[8, 16, 32] = 16
     params: dict[str, Any] = Field(
         default_factory=dict,
@@ -195,10 +197,12 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd; the min-max authors' code uses it)")
     weight_decay: float = Field(1e-4, ge=0)
     schedule: Literal["none", "step", "cosine"] = "cosine"
     step_size: int = Field(30, ge=1, description="epochs between lr drops (schedule=step)")
     gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0, description="floor of the scheduled learning rate (the authors' MyStepLR: 1e-7)")
     warmup_epochs: int = Field(0, ge=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16/fp16 on CUDA, off on CPU; bf16 on CPU is opt-in"
@@ -221,6 +225,9 @@ class TrainConfig(Section):
         description="an epoch can become best only if its val_error (%) is at most this (while no epoch meets it, "
         "the lowest val_error wins); guards localization-based selection against a collapsed classifier",
     )
+    select_ties: Literal["first", "last"] = Field(
+        "first", description="an epoch that equals the best so far replaces it (last, as the min-max authors' "
+        "`<=`/`>=` selection) or not (first)")
     patience: int | None = Field(None, ge=1, description="early stopping after this many epochs without improvement")
     deterministic: bool = True
     stop_after: int | None = Field(
@@ -657,7 +664,8 @@ def check_files(
     makes_manifest = "prepare" in stages
     problems: list[str] = []
     notes: list[str] = []
-    if cfg.model.pretrained is not None and not cfg.model.pretrained.is_file():
+    pre = cfg.model.pretrained
+    if pre is not None and pre != "imagenet" and not Path(pre).expanduser().is_file():
         problems.append(f"model.pretrained: file {str(cfg.model.pretrained)!r} not found; fix: give a local .pth or remove the key")
     if "prepare" in stages:
         if cfg.data.source == "glas" and cfg.data.root is None and not require_unset:

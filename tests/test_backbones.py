@@ -161,3 +161,158 @@ def test_methods_package_is_torch_free():
     code = "import sys, medwsol.methods as m; assert 'torch' not in sys.modules, 'torch imported'; print(m.__all__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------------------ model.pretrained: imagenet
+class _Server:
+    """A local HTTP server (no network): serves ``files`` by name, or accepts and never answers (``hang``)."""
+
+    def __init__(self, files: dict[str, bytes] | None = None, hang: bool = False) -> None:
+        import http.server
+        import socket
+        import threading
+
+        self.hang = hang
+        if hang:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(5)  # the kernel accepts the connection; nobody ever reads or writes
+            self.port = self.sock.getsockname()[1]
+            return
+        served = dict(files or {})
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = served.get(self.path.rsplit("/", 1)[-1])
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        if self.hang:
+            self.sock.close()
+        else:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+@pytest.fixture()
+def hub(tmp_path, monkeypatch):
+    """An empty torch.hub cache, and no way out: any URL we did not set fails as on an offline machine."""
+    import urllib.error
+
+    from medwsol.methods import backbones
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    real_urlopen = backbones.urllib.request.urlopen
+
+    def local_only(url, *args, **kwargs):
+        if not str(url).startswith("http://127.0.0.1:"):
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        return real_urlopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(backbones.urllib.request, "urlopen", local_only)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def _weights_file(path):
+    torch.manual_seed(3)
+    net = build_backbone("resnet18")
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def test_imagenet_offline_is_one_line_naming_the_cache(hub):
+    with pytest.raises(CheckpointError) as err:
+        build_backbone("resnet18", pretrained="imagenet")
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot download" in msg and "resnet18-f37072fd.pth" in msg and "fix:" in msg
+    assert str(hub / "resnet18-f37072fd.pth") in msg
+    assert not hub.exists() or not list(hub.iterdir())  # nothing half-written
+
+
+def test_imagenet_cached_file_is_used_offline(hub):
+    hub.mkdir(parents=True)
+    ref = _weights_file(hub / "resnet18-f37072fd.pth")
+    ours = build_backbone("resnet18", pretrained="imagenet")
+    assert torch.equal(ours.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
+
+
+def test_imagenet_download_is_verified_and_cached(hub, tmp_path, monkeypatch):
+    import hashlib
+
+    from medwsol.methods import backbones
+
+    ref = _weights_file(tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    good = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    server = _Server({good: data, "resnet18-00000000.pth": data})
+    try:
+        monkeypatch.setitem(backbones.IMAGENET_URLS, "resnet18", server.url("resnet18-00000000.pth"))
+        with pytest.raises(CheckpointError, match="wrong checksum") as err:
+            build_backbone("resnet18", pretrained="imagenet")
+        assert "\n" not in str(err.value) and not list(hub.iterdir())  # the bad download is not kept
+        monkeypatch.setitem(backbones.IMAGENET_URLS, "resnet18", server.url(good))
+        ours = build_backbone("resnet18", pretrained="imagenet", output_stride=8)
+        assert torch.equal(ours.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+        assert [p.name for p in hub.iterdir()] == [good]
+    finally:
+        server.close()
+
+
+def test_imagenet_download_never_hangs(hub, monkeypatch):
+    import time
+
+    from medwsol.methods import backbones
+
+    server = _Server(hang=True)
+    try:
+        monkeypatch.setitem(backbones.IMAGENET_URLS, "resnet18", server.url("resnet18-f37072fd.pth"))
+        monkeypatch.setenv("MEDWSOL_DOWNLOAD_TIMEOUT", "1")
+        t0 = time.perf_counter()
+        with pytest.raises(CheckpointError, match="cannot download") as err:
+            build_backbone("resnet18", pretrained="imagenet")
+        assert time.perf_counter() - t0 < 10 and "\n" not in str(err.value)
+    finally:
+        server.close()
+
+
+def test_imagenet_urls_cover_every_backbone():
+    from medwsol.methods.backbones import IMAGENET_URLS
+
+    assert set(BACKBONES.names()) == set(IMAGENET_URLS)
+    with pytest.raises(CheckpointError, match="no ImageNet weights known"):
+        from medwsol.methods.backbones import imagenet_weights
+
+        imagenet_weights("resnet152")
+
+
+def test_local_weights_anywhere_and_in_the_config(tmp_path, monkeypatch):
+    from medwsol.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ref = _weights_file(tmp_path / "mine.pth")
+    ours = build_backbone("resnet18", pretrained="~/mine.pth")  # any path, ~ expanded
+    assert torch.equal(ours.conv1.weight, ref.conv1.weight)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "pipelines/demo.yaml", overrides=["model.pretrained=imagenet"])  # no file check
+    assert cfg.model.pretrained == "imagenet"
+    cfg = load_config(root / "pipelines/demo.yaml", overrides=["model.pretrained=~/mine.pth"])
+    assert str(cfg.model.pretrained) == "~/mine.pth"
+
+
+def test_resnet101_builds_with_torchvision_keys():
+    net = build_backbone("resnet101", output_stride=32)
+    assert net.out_channels == 2048 and len(net.layer3) == 23
+    assert "layer3.22.conv3.weight" in net.state_dict() and "layer2.0.downsample.1.running_var" in net.state_dict()

@@ -21,14 +21,15 @@ SIZES = [(64, 64), (70, 90)]
 
 
 def make(name: str, **params) -> WSOLMethod:
-    """Build a method with default params; skip if its module is not written yet."""
+    """Build a method with default params (a registered method whose module is missing fails here)."""
     torch.manual_seed(0)
-    try:
-        return build_method(name, num_classes=2, params=params or None)
-    except ModuleNotFoundError as err:
-        if (err.name or "").startswith("medwsol.methods."):
-            pytest.skip(f"{name}: module {err.name} not written yet")
-        raise
+    return build_method(name, num_classes=2, params=params or None)
+
+
+def test_every_registered_method_module_imports():
+    """The registry's lazy entries all resolve: a missing or broken method module is a failure, never a skip."""
+    for name in ALL:
+        assert issubclass(METHODS.get(name), WSOLMethod), name  # imports the module (ModuleNotFoundError fails)
 
 
 def batch(size=(64, 64), b=2, seed=0) -> dict[str, torch.Tensor]:
@@ -199,23 +200,15 @@ def test_gradcam_loads_cam_weights_and_is_relu_cam_on_gap_head():
     ],
 )
 def test_minmax_ablation_switches_change_terms(params, keys):
+    # which terms are on; their values are checked against NumPy in tests/test_loss_formulas.py
     m = make("minmax_entropy", **params).train()
     losses = m.loss(batch())
     assert set(losses) == keys | {"total"}
-    assert torch.allclose(losses["total"], sum(v for k, v in losses.items() if k != "total"))
 
 
 def test_minmax_all_losses_off_is_rejected():
     with pytest.raises(ValidationError, match="every loss term is off"):
         build_method("minmax_entropy", num_classes=2, params={"fg_loss": False, "bg_loss": False, "loc_loss": False})
-
-
-def test_minmax_bg_loss_is_ce_to_uniform():
-    m = make("minmax_entropy", fg_loss=False, loc_loss=False, bg_weight=3.0).train()
-    torch.manual_seed(1)
-    losses = m.loss(batch())
-    # CE to uniform >= log C, with equality iff the X- prediction is uniform
-    assert float(losses["bg"].detach()) >= 3.0 * math.log(2) - 1e-5
 
 
 def test_minmax_mask_is_pseudo_binary_of_normalised_map():

@@ -150,7 +150,7 @@ def test_plot_pr_curve_from_pixel_pr(tmp_path):
     pr.update(heat, gt)
     p, r = pr.precision_recall()
     w, h = png_size(plot_pr_curve(p, r, tmp_path / "pr.png", label=f"toy PxAP {pr.pxap():.3f}", baseline=gt.mean()))
-    assert (w, h) == (500, 460)
+    assert w == 500 and abs(h - 460) <= 1  # 5.0 x 4.6 in at 100 dpi (4.6 * 100 rounds to 459 with some versions)
     png_size(plot_pr_curve([p, p], [r, r ** 2], tmp_path / "pr2.png", label=["a", "b"]))
     with pytest.raises(DataError):
         plot_pr_curve([p], [r, r], tmp_path / "bad.png", label=["a"])
@@ -250,3 +250,82 @@ def test_import_is_light_and_pyplot_is_never_used():
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- what the PNGs show
+
+
+def _read(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _region(png: np.ndarray, colour, tol: int = 0) -> tuple[int, int, int, int, float]:
+    """Bounding box (top, bottom, left, right) of the pixels of ``colour`` (within ``tol``) and how full it is."""
+    hit = np.all(np.abs(png.astype(int) - np.asarray(colour, int)) <= tol, axis=-1)
+    assert hit.any(), f"colour {tuple(colour)} is nowhere in the PNG"
+    # the block: rows and columns holding at least half as many such pixels as the fullest one
+    # (stray anti-aliased pixels of text and frames elsewhere do not stretch the box)
+    rows = np.nonzero(hit.sum(1) >= hit.sum(1).max() / 2)[0]
+    cols = np.nonzero(hit.sum(0) >= hit.sum(0).max() / 2)[0]
+    t, b, l, r = rows.min(), rows.max(), cols.min(), cols.max()
+    return t, b, l, r, hit[t : b + 1, l : r + 1].mean()
+
+
+def _cmap_colour(value: float, name: str = "inferno") -> tuple[int, int, int]:
+    """The colour map's colour; matplotlib renders it through a 256-entry uint8 table (so compare within 2)."""
+    return tuple(int(v) for v in np.round(np.asarray(matplotlib.colormaps[name](value)[:3]) * 255))
+
+
+def test_overlay_grid_png_shows_image_truth_map_and_mask_in_place(tmp_path):
+    """Left half blue, right half green; truth and map = the right half: each panel's pixels are where they belong."""
+    h, w = 48, 64
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (20, 40, 230)
+    img[:, w // 2 :] = (30, 200, 60)
+    right = np.zeros((h, w), bool)
+    right[:, w // 2 :] = True
+    png = _read(overlay_grid([dict(image=img, gt=right, weight_map=right * 1.0, threshold=0.5)], tmp_path / "g.png"))
+    blue = _region(png, (20, 40, 230))  # only in the image panel
+    half = blue[3] - blue[2] + 1  # screen width of half a panel
+    green = _region(png[:, : blue[3] + half + 3], (30, 200, 60))  # the image panel's green half
+    hot = _region(png, _cmap_colour(1.0), tol=2)  # weight 1 on the right half of the map panel
+    cold = _region(png, _cmap_colour(0.0), tol=2)  # weight 0 on its left half (near black: not the truth's black)
+    dimmed = _region(png, (6, 12, 69))  # the mask panel: outside the mask the image at 30 %
+    kept = _region(png[:, dimmed[3] + 1 :], (30, 200, 60))  # ... and inside it the image itself
+    kept = (kept[0], kept[1], kept[2] + dimmed[3] + 1, kept[3] + dimmed[3] + 1, kept[4])
+    for box in (blue, green, hot, cold, dimmed, kept):
+        assert box[4] > 0.9, box  # solid rectangles, not scattered pixels
+    scale = (blue[1] - blue[0] + 1) / h  # screen pixels per image pixel
+    assert 2.0 < scale < 6.0
+    for box in (blue, green, hot, cold, dimmed, kept):  # every half-panel is 32 x 48 image pixels, in the same rows
+        assert abs((box[3] - box[2] + 1) / scale - w / 2) <= 2 and abs((box[1] - box[0] + 1) / scale - h) <= 2, box
+        assert abs(box[0] - blue[0]) <= 2
+    assert green[2] == blue[3] + 1  # the image panel: green right next to blue
+    assert cold[3] + 1 == hot[2]  # the map panel: cold left half, hot right half
+    assert 0 <= kept[2] - (dimmed[3] + 1) <= 4  # the mask panel: dimmed left half, kept right half, ...
+    gap = png[dimmed[0] + 5 : dimmed[1] - 5, dimmed[3] - 2 : kept[2] + 3]
+    assert np.all(np.abs(gap.astype(int) - (0, 229, 255)) <= 40, axis=-1).any(axis=1).all()  # ... the cyan truth outline
+    assert blue[2] < cold[2] < dimmed[2]  # panel order: image | truth | map | mask
+    between = np.all(png[blue[0] : blue[1] + 1, green[3] + 1 : cold[2]] == 0, axis=-1)  # the truth panel's black
+    assert between.sum() / scale**2 == pytest.approx(h * w / 2, rel=0.1)  # background half: 32 x 48 image pixels
+    white = np.all(png[blue[0] : blue[1] + 1, green[3] + 1 : cold[2]] == 255, axis=-1)
+    assert white.sum() / scale**2 > 0.9 * h * w / 2  # the truth half, white (plus the white margins)
+
+
+def test_slide_thumbnail_png_blends_heat_only_where_it_is_defined(tmp_path):
+    thumb = np.full((100, 200, 3), 200, np.uint8)
+    heat = np.full((10, 20), np.nan)
+    heat[:, 10:] = 1.0  # heat on the right half, none (NaN) on the left
+    png = _read(slide_thumbnail(thumb, heat, tmp_path / "s.png"))
+    hot = np.round(0.5 * 200 + 0.5 * np.asarray(matplotlib.colormaps["inferno"](1.0)[:3]) * 255)
+    grey = _region(png, (200, 200, 200))  # NaN heat: the thumbnail's own colour, exactly
+    blend = _region(png, hot, tol=1)
+    assert grey[4] > 0.95 and blend[4] > 0.95
+    assert blend[2] == grey[3] + 1 and (grey[0], grey[1]) == (blend[0], blend[1])  # side by side, same rows
+    assert abs((grey[3] - grey[2]) - (blend[3] - blend[2])) <= 1  # two equal halves
+    assert abs((grey[3] - grey[2] + blend[3] - blend[2] + 2) / (grey[1] - grey[0] + 1) - 2.0) < 0.05  # 2:1 thumbnail
+    bar = png[grey[0] : grey[1] + 1, blend[3] + 2 :]  # the colour bar, right of the image: from near black to light
+    for v in (0.02, 0.5, 0.98):  # the bar is ~80 px for 256 colours: accept a neighbouring colour
+        near = [_cmap_colour(u) for u in np.linspace(v - 0.02, v + 0.02, 11)]
+        assert any(np.all(np.abs(bar.astype(int) - c) <= 3, axis=-1).any() for c in near), v

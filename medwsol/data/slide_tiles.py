@@ -1,6 +1,6 @@
 """CAMELYON16-style training tiles from whole slides with QuPath polygon annotations.
 
-Protocol (docs/METHODS.md, survey of Rony et al.): split **by slide** first; tiles of
+Protocol (the survey of Rony et al., MELBA 2023): split **by slide** first; tiles of
 ``tile_size`` px at ``mpp`` µm/px, no overlap; keep a tile whose tissue fraction (Otsu on saturation
 at low resolution, :func:`medwsol.data.slides.tissue_mask`) is at least ``min_tissue``; a tumour tile
 needs a tumour fraction of at least ``min_tumour`` and comes from a tumour slide (tiles of tumour

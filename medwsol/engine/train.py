@@ -74,14 +74,18 @@ def selection_key(row: dict[str, Any], key: str, higher: bool, max_val_error: fl
 def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=False)
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                               nesterov=bool(tc.nesterov and tc.momentum > 0))
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, tc) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch multiplicative schedule (stepped once per epoch)."""
+    """Per-epoch multiplicative schedule (stepped once per epoch), floored at ``tc.min_lr``."""
 
     def factor(epoch: int) -> float:
+        return max(_factor(epoch), tc.min_lr / tc.lr)
+
+    def _factor(epoch: int) -> float:
         if tc.warmup_epochs and epoch < tc.warmup_epochs:
             return (epoch + 1) / (tc.warmup_epochs + 1)
         if tc.schedule == "cosine":
@@ -175,7 +179,7 @@ def train(cfg, run_dir: Path | None, tracker=None, resume: bool = False, dist=No
 
     if cfg.model.pretrained is None:
         console.print("[yellow]warning:[/] model.pretrained is not set: the backbone starts from random weights "
-                      "(set it to a local ImageNet .pth for paper-like results)")
+                      "(set it to imagenet or a local ImageNet .pth for paper-like results)")
     model = build_method(cfg.model.method, num_classes=len(classes), backbone=cfg.model.backbone,
                          pretrained=cfg.model.pretrained, output_stride=cfg.model.output_stride,
                          params=cfg.model.params).to(device)
@@ -328,7 +332,7 @@ def train(cfg, run_dir: Path | None, tracker=None, resume: bool = False, dist=No
                             "valpx_tau": s["tau"]})
             value = row.get(key, row["epoch"])
             rank = selection_key(row, key, higher, guard)
-            improved = best_key is None or rank > best_key
+            improved = best_key is None or rank > best_key or (tc.select_ties == "last" and rank == best_key)
             if improved:
                 best_val, best_key, best_epoch, stale = value, rank, epoch + 1, 0
             else:

@@ -1,6 +1,6 @@
 """QuPath GeoJSON: tile measurements (a heatmap in QuPath) and thresholded region polygons.
 
-QuPath's GeoJSON import rules (docs/METHODS.md), all followed here and checked by
+QuPath's GeoJSON import rules (from QuPath's own GeoJSON reader), all followed here and checked by
 :func:`validate_qupath_geojson`:
 
 * a ``FeatureCollection`` of ``Feature`` s, each with a UUID string ``id``;

@@ -1,10 +1,11 @@
 """Feature extractors: MONAI's 2D ResNets without pooling/classifier, optionally dilated.
 
-The backbones are ``monai.networks.nets.resnet18/34/50`` built in their 2D,
+The backbones are ``monai.networks.nets.resnet18/34/50/101`` built in their 2D,
 ImageNet-shaped configuration (7x7 stride-2 stem, max-pool, 1x1-conv shortcuts
 without bias), so that their parameter names are exactly torchvision's
 (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ...) and a
-torchvision ImageNet checkpoint loads without renaming.
+torchvision ImageNet checkpoint loads without renaming (``pretrained="imagenet"``
+downloads torchvision's weights once into torch.hub's cache: :func:`imagenet_weights`).
 
 Output stride: 32 is the plain ResNet; 16 replaces the stride of ``layer4`` by
 dilation 2, 8 additionally replaces the stride of ``layer3`` by dilation 2 (and
@@ -19,7 +20,13 @@ Inputs are ImageNet-normalised RGB; methods receive RGB in [0, 1] and apply
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
+import socket
+import threading
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -37,12 +44,25 @@ __all__ = [
     "ResNetFeatures",
     "build_backbone",
     "load_pretrained",
+    "imagenet_weights",
+    "IMAGENET_URLS",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _PREFIXES = ("module.", "backbone.", "model.", "encoder.")
+
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+"""torchvision's ImageNet (``IMAGENET1K_V1``) ResNet weights; the file name carries a SHA-256 prefix."""
+
+DOWNLOAD_TIMEOUT_S = 20.0
+"""Seconds allowed to connect and between two received chunks (``MEDWSOL_DOWNLOAD_TIMEOUT`` overrides)."""
 
 
 class ImageNetNorm(nn.Module):
@@ -79,7 +99,7 @@ class ResNetFeatures(nn.Module):
         arch: name used in messages (``resnet18`` ...).
 
     Attributes:
-        out_channels: number of output feature channels (512 for resnet18/34, 2048 for resnet50).
+        out_channels: number of output feature channels (512 for resnet18/34, 2048 for resnet50/101).
         output_stride: the total downsampling factor.
     """
 
@@ -126,9 +146,9 @@ def _dilate_stage(stage: nn.Sequential, previous: int, dilation: int) -> None:
 
 
 def _monai_resnet(depth: int) -> tuple[nn.Module, int]:
-    from monai.networks.nets import resnet18, resnet34, resnet50
+    from monai.networks.nets import resnet18, resnet34, resnet50, resnet101
 
-    factory = {18: resnet18, 34: resnet34, 50: resnet50}[depth]
+    factory = {18: resnet18, 34: resnet34, 50: resnet50, 101: resnet101}[depth]
     net = factory(
         pretrained=False,
         spatial_dims=2,
@@ -139,7 +159,7 @@ def _monai_resnet(depth: int) -> tuple[nn.Module, int]:
         bias_downsample=False,
         feed_forward=False,
     )
-    return net, 2048 if depth == 50 else 512
+    return net, 2048 if depth >= 50 else 512
 
 
 def _make_factory(depth: int) -> Callable[..., ResNetFeatures]:
@@ -147,7 +167,8 @@ def _make_factory(depth: int) -> Callable[..., ResNetFeatures]:
         net, channels = _monai_resnet(depth)
         model = ResNetFeatures(net, channels, output_stride, arch=f"resnet{depth}")
         if pretrained is not None:
-            load_pretrained(model, pretrained)
+            path = imagenet_weights(f"resnet{depth}") if str(pretrained) == "imagenet" else pretrained
+            load_pretrained(model, path)
         return model
 
     factory.__name__ = f"resnet{depth}"
@@ -155,17 +176,105 @@ def _make_factory(depth: int) -> Callable[..., ResNetFeatures]:
     return factory
 
 
-for _depth in (18, 34, 50):
+for _depth in (18, 34, 50, 101):
     BACKBONES.register(f"resnet{_depth}")(_make_factory(_depth))
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get("MEDWSOL_DOWNLOAD_TIMEOUT", DOWNLOAD_TIMEOUT_S))
+    except ValueError:
+        return DOWNLOAD_TIMEOUT_S
+
+
+def _open_with_deadline(url: str, timeout: float):
+    """``urlopen`` in a daemon thread, so that not even a stuck name lookup outlives ``timeout``."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["response"] = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (fixed https URL)
+        except BaseException as err:  # noqa: BLE001 - reported to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="medwsol-download", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no connection within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["response"]
+
+
+def imagenet_weights(arch: str, cache_dir: str | Path | None = None) -> Path:
+    """Local path of torchvision's ImageNet weights for ``arch``, downloaded once into a cache.
+
+    The cache is torch.hub's (``$TORCH_HOME/hub/checkpoints``, the folder torchvision uses too),
+    so a file downloaded elsewhere with torchvision, or copied there by hand, is found offline.
+    A download is verified against the SHA-256 prefix in the file name, written to a temporary
+    file and renamed, and gives up after ``MEDWSOL_DOWNLOAD_TIMEOUT`` seconds (20) without
+    progress; no network means one line, never a hang.
+
+    Args:
+        arch: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
+        cache_dir: folder to look in and download to (default: torch.hub's ``checkpoints``).
+
+    Returns:
+        The path of the cached ``.pth`` file.
+
+    Raises:
+        CheckpointError: unknown ``arch``, no network, a timeout or a corrupted download.
+    """
+    url = IMAGENET_URLS.get(arch)
+    if url is None:
+        raise CheckpointError(f"model.pretrained=imagenet: no ImageNet weights known for {arch!r}; "
+                              f"fix: use one of {sorted(IMAGENET_URLS)} or a local .pth")
+    import torch.hub
+
+    folder = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    name = url.rsplit("/", 1)[-1]
+    dest = folder / name
+    if dest.is_file():
+        return dest
+    expected = name.rsplit("-", 1)[-1].split(".")[0]
+    timeout = _timeout()
+    fix = (f"fix: download it on a machine with network (it is cached as {dest}) and copy it there, "
+           "or set model.pretrained to a local .pth")
+    tmp = dest.with_name(f".{name}.{os.getpid()}.part")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with _open_with_deadline(url, timeout) as response, open(tmp, "wb") as out:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+        if not digest.hexdigest().startswith(expected):
+            raise CheckpointError(f"model.pretrained=imagenet: {url} downloaded with a wrong checksum "
+                                  f"(sha256 {digest.hexdigest()[:8]}..., expected {expected}...); {fix}")
+        os.replace(tmp, dest)
+    except CheckpointError:
+        raise
+    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise CheckpointError(f"model.pretrained=imagenet: cannot download {url} ({type(err).__name__}: "
+                              f"{str(reason).strip()[:120]}); {fix}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def build_backbone(name: str, pretrained: str | Path | None = None, output_stride: int = 16) -> ResNetFeatures:
     """Build a registered feature extractor.
 
     Args:
-        name: a name in ``BACKBONES`` (``resnet18``, ``resnet34``, ``resnet50``).
-        pretrained: optional LOCAL weights file (torchvision or MONAI key layout;
-            ``fc.*`` is ignored). Nothing is ever downloaded.
+        name: a name in ``BACKBONES`` (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``).
+        pretrained: ``"imagenet"`` (torchvision's ImageNet weights, downloaded once and cached,
+            see :func:`imagenet_weights`) or a local weights file (torchvision or MONAI key
+            layout; ``fc.*`` is ignored).
         output_stride: 8, 16 (dilated last stage(s)) or 32 (plain ResNet).
 
     Returns:
@@ -173,7 +282,8 @@ def build_backbone(name: str, pretrained: str | Path | None = None, output_strid
         ``[B, out_channels, ceil(H/os), ceil(W/os)]``, with ``.out_channels``.
 
     Raises:
-        CheckpointError: the weights file is missing, unreadable or does not match.
+        CheckpointError: the weights file is missing, unreadable or does not match, or the
+            ImageNet download fails.
 
     Example:
         >>> import torch
@@ -236,7 +346,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
         >>> bool(torch.equal(a.conv1.weight, b.conv1.weight))
         True
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{p}: pretrained weights not found; fix: give the path of a local ResNet state dict")
     try:

@@ -49,7 +49,12 @@ class GradCAMParams(CAMParams):
 
 
 class MinMaxParams(_Strict):
-    """Min-max entropy localizer + classifier (Belharbi et al. 2019; TMI 2022)."""
+    """Min-max entropy localizer + classifier (Belharbi et al. 2019; TMI 2022).
+
+    The defaults are medwsol's; every knob that the authors' public code sets differently is
+    listed with its value there in docs/methods.md (the deviations table), and the presets
+    ``pipelines/glas_2019.yaml`` / ``pipelines/glas_tmi.yaml`` set them to the authors' values.
+    """
 
     modalities: int = Field(5, ge=1, description="WILDCAT maps per class (k in the paper's code)")
     kmax: float = Field(0.1, gt=0, le=1, description="fraction (or count if >1) of top activations pooled")
@@ -58,15 +63,39 @@ class MinMaxParams(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     sigmoid_w: float = Field(8.0, gt=0, description="pseudo-binary mask slope w (2019: 8, TMI: 5)")
     sigmoid_sigma: float = Field(0.5, gt=0, lt=1, description="pseudo-binary mask offset sigma (2019: 0.5)")
+    sigma_growth: float = Field(
+        0.0, ge=0, description="added to sigma after every epoch, up to sigma_max (TMI code: 0.001)")
+    sigma_max: float | None = Field(
+        None, gt=0, lt=1, description="cap of the growing sigma (TMI code: 0.2); default: sigmoid_sigma (no growth)")
+    mask_norm: Literal["image", "batch"] = Field(
+        "image", description="min-max normalisation of the localizer map in training: per image, or over the whole "
+        "batch as the authors' code (2019 and TMI) does; inference is always per image")
+    cls_input_scale: float = Field(
+        1.0, gt=0, le=1, description="the classifier sees X+/X- bilinearly resized by this factor (2019: 0.5, TMI: 0.8)")
+    view_batches: Literal["joint", "separate"] = Field(
+        "joint", description="X+ and X- go through the classifier in one batch (BatchNorm statistics over both) or "
+        "in two (the authors' two classify() calls)")
     fg_loss: bool = Field(True, description="CE of classifier(X+) with the label")
     bg_loss: bool = Field(True, description="CE of classifier(X-) towards the uniform distribution")
     loc_loss: bool = Field(True, description="CE of the localizer's own class scores")
-    bg_weight: float = Field(1.0, ge=0)
+    bg_weight: float = Field(1.0, ge=0, description="weight of the bg term (in nats; TMI: 1e-7 in bits = 1e-7/ln 2)")
     detach_mask: bool = Field(
         False, description="stop the fg/bg gradients from reaching the localizer (as the public 2019 code does)"
     )
     erase_steps: int = Field(0, ge=0, description="recursive erasing steps u (paper: 4; 0 disables)")
+    erase_mode: Literal["current", "accumulated"] = Field(
+        "current", description="what is erased before the next round: the current round's mask on every sample, or "
+        "the accumulated mask on the still-trusted samples only (2019 code)")
+    erase_ce_check: bool = Field(
+        False, description="a round's trust also needs its CE <= the first round's CE, per sample (2019 code)")
+    erase_loss: Literal["mean", "sum"] = Field(
+        "mean", description="the localizer CE of the erasing rounds: their mean, or their sum (2019 code: one "
+        "backward per round)")
+    erase_start_epoch: int = Field(0, ge=0, description="erasing is off before this epoch (0-based; 2019 config: 1)")
     size_constraints: bool = Field(False, description="TMI absolute size constraints via extended log-barrier")
+    size_mode: Literal["fraction", "nonempty_pixels"] = Field(
+        "fraction", description="fraction: mean(M) >= s and mean(1-M) >= s; nonempty_pixels: sum(M) >= 0 and "
+        "sum(1-M) >= 0 on raw pixel counts (TMI code)")
     size_min_fraction: float = Field(0.05, gt=0, lt=0.5, description="fg and bg must each cover at least this fraction")
     barrier_t0: float = Field(5.0, gt=0)
     barrier_growth: float = Field(1.01, ge=1.0)
@@ -77,6 +106,9 @@ class MinMaxParams(_Strict):
     def _some_loss(self):
         if not (self.fg_loss or self.bg_loss or self.loc_loss):
             raise ValueError("every loss term is off; fix: enable at least one of fg_loss, bg_loss, loc_loss")
+        if self.sigma_max is not None and self.sigma_max < self.sigmoid_sigma:
+            raise ValueError(f"sigma_max {self.sigma_max} < sigmoid_sigma {self.sigmoid_sigma}; "
+                             "fix: set sigma_max >= sigmoid_sigma or leave it unset")
         return self
 
 
@@ -110,7 +142,10 @@ class _WeightMapCommon(_Strict):
 class WeightMapCEParams(_WeightMapCommon):
     """Learned weight map, classifier-based (Shaharabany & Wolf 2021, method B1)."""
 
-    ce_weight: float = Field(1.0, ge=0, description="CE of f(I*W) with the label")
+    ce_weight: float = Field(1.0, ge=0, description="CE of f(I*W) with its target (ce_target)")
+    ce_target: Literal["label", "prediction"] = Field(
+        "label", description="target of CE(f(I*W)): the image label, or f's own prediction on the whole image "
+        "(argmax f(I), no gradient) as the paper's 'same prediction as f(I)'")
     embed_weight: float = Field(
         1.0, ge=0, description="squared distance between f's L2-normalised embeddings of I and I*W"
     )
@@ -131,6 +166,10 @@ class WeightMapTripletParams(_WeightMapCommon):
                              "embeddings are L2-normalised, distances in [0, 2]")
     margin_class: float = Field(0.5, gt=0, description="margin of triplet (fg, fg same class, fg other class)")
     class_weight: float = Field(1.0, ge=0, description="weight of the class-wise triplet loss")
+    embedder: Literal["classifier", "siamese"] = Field(
+        "classifier", description="the embedding e of the triplets: the classifier f's pooled features as a fixed "
+        "function (no gradient into f), or a separate Siamese embedding network (same backbone, GAP, L2 norm) "
+        "trained by the triplet losses, as the paper describes")
 
 
 METHODS: Registry = Registry(
@@ -154,5 +193,5 @@ METHOD_PARAMS: dict[str, type[BaseModel]] = {
 
 BACKBONES: Registry = Registry(
     "backbone",
-    lazy={name: "medwsol.methods.backbones" for name in ("resnet18", "resnet34", "resnet50")},
+    lazy={name: "medwsol.methods.backbones" for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
 )

@@ -15,15 +15,19 @@ kmin term but (by a missing assignment) never adds it. Head dropout
 
 Mask: ``m = sum_c softmax(localizer scores)_c * localizer class map_c``,
 bilinearly upsampled to the input size (``extras["raw_map"]``), min-max
-normalised per image (``extras["norm_map"]``), then the pseudo-binary ``M = sigmoid(w (m - sigma))``
-(``sigmoid_w``, ``sigmoid_sigma``; defaults are the 2019 paper's w=8, sigma=0.5;
-TMI used w=5, sigma~0.15-0.2). ``M`` is the ``weight_map`` (so thresholding at
-0.5 is thresholding ``raw_map`` at sigma).
+normalised per image (``extras["norm_map"]``; in training over the whole batch
+with ``mask_norm="batch"``, as the authors' ``get_pseudo_binary_mask``), then the
+pseudo-binary ``M = sigmoid(w (m - sigma))`` (``sigmoid_w``, ``sigmoid_sigma``;
+defaults are the 2019 paper's w=8, sigma=0.5; TMI used w=5, sigma 0.15 growing by
+``sigma_growth`` per epoch up to ``sigma_max``, 0.2). ``M`` is the
+``weight_map`` (so thresholding at 0.5 is thresholding ``norm_map`` at sigma).
 
 Foreground/background: the images are masked in ImageNet-normalised space,
 ``X+ = x_norm * M`` and ``X- = x_norm * (1 - M)``, so erased pixels take the
 dataset mean colour. X+ and X- go through the shared trunk and the classifier
-head in one batch (BatchNorm sees both).
+head in one batch (BatchNorm sees both; ``view_batches="separate"``: two
+passes, as the authors' code), resized by ``cls_input_scale`` first (2019: 0.5,
+TMI: 0.8, ``align_corners=True`` as theirs).
 
 Losses (``loss(batch)`` returns each active term, already weighted, and
 ``"total"`` = their sum; all in float32):
@@ -31,12 +35,15 @@ Losses (``loss(batch)`` returns each active term, already weighted, and
 * ``fg`` (``fg_loss``): CE(classifier(X+), y) - low entropy on the relevant region.
 * ``bg`` (``bg_loss``, weight ``bg_weight``): CE(classifier(X-), uniform) =
   mean over classes of ``-log softmax`` - high entropy on the rest.
-* ``loc`` (``loc_loss``): CE of the localizer's own scores with y (averaged
-  over the erasing rounds when erasing is on, as the public code does).
+* ``loc`` (``loc_loss``): CE of the localizer's own scores with y (the mean
+  over the erasing rounds when erasing is on; their sum with
+  ``erase_loss="sum"``, as the 2019 code's one backward per round).
 * ``size`` (``size_constraints``, weight ``size_weight``): TMI's absolute size
   constraints: the foreground area ``mean(M)`` and the background area
-  ``mean(1 - M)`` must each be >= ``size_min_fraction``; each constraint
-  ``z <= 0`` with ``z = size_min_fraction - area`` is penalised by the extended
+  ``mean(1 - M)`` must each be >= ``size_min_fraction``
+  (``size_mode="nonempty_pixels"``: TMI's code, ``sum(M) >= 0`` and
+  ``sum(1 - M) >= 0`` on pixel counts); each constraint
+  ``z <= 0`` (e.g. ``z = size_min_fraction - area``) is penalised by the extended
   log-barrier of Kervadec et al. (:func:`extended_log_barrier`), whose ``t``
   starts at ``barrier_t0``, is multiplied by ``barrier_growth`` at every
   ``on_epoch_end`` and capped at ``barrier_tmax`` (TMI: 5, x1.01, 10). ``t``
@@ -50,17 +57,18 @@ without size constraints an all-ones mask satisfies both fg and bg terms;
 the min-max normalisation (some pixel is always 0) and the size constraints
 are what prevent it.
 
-Recursive erasing (``erase_steps = u > 0``, training only, in ``loss``): the
-localizer runs ``u`` rounds (counted as in the public code, so ``u=1`` only
-trust-weights the first mask): at round ``s`` it localizes ``M_s`` on the
-current image, the trust of each sample is
+Recursive erasing (``erase_steps = u > 0``, training only, in ``loss``, from
+epoch ``erase_start_epoch``): the localizer runs ``u`` rounds (counted as in the
+public code, so ``u=1`` only trust-weights the first mask): at round ``s`` it
+localizes ``M_s`` on the current image, the trust of each sample is
 ``exp(-s/10) * [localizer prediction correct] * p_max`` and is 0 forever once
-the sample has been mispredicted, the accumulated mask is
+the sample has been mispredicted (``erase_ce_check``: also 0 when the round's
+CE exceeds the first round's, as the 2019 code), the accumulated mask is
 ``m_acc = max(m_acc, trust * M_s)``, and the found region is erased from the
-image, ``x <- x * (1 - M_s)`` (detached; erased pixels = mean colour). X+/X-
-and the size term use ``m_acc``. The loop stops early when every sample is
-untrusted. The public code additionally requires the erased image's CE not to
-exceed the first round's; that check is not used here.
+image: ``x <- x * (1 - M_s)`` (``erase_mode="current"``) or, as the 2019 code,
+``x <- x * (1 - m_acc)`` on the trusted samples only (``"accumulated"``);
+detached, erased pixels = mean colour. X+/X- and the size term use ``m_acc``.
+The loop stops early when every sample is untrusted.
 
 Prediction: ``forward(x).logits`` are the classifier's scores on X+ (the
 paper's prediction); with ``fg_loss=False`` the classifier head is never
@@ -265,6 +273,7 @@ class MinMaxEntropy(WSOLMethod):
         self.loc_head = WildcatHead(d, num_classes, **head)
         self.cls_head = WildcatHead(d, num_classes, **head)
         self.barrier_t = float(min(p.barrier_t0, p.barrier_tmax))
+        self.sigma = float(p.sigmoid_sigma)
 
     # -- building blocks ------------------------------------------------------------------------------------------
     def localize_raw(self, xn: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,13 +293,17 @@ class MinMaxEntropy(WSOLMethod):
         probs = torch.softmax(scores, dim=1)
         return upsample_to((probs[:, :, None, None] * maps).sum(dim=1, keepdim=True), size)
 
-    def localize(self, xn: Tensor) -> tuple[Tensor, Tensor]:
-        """Localizer scores ``[B, C]`` and the per-image min-max normalised map ``[B, 1, H, W]`` in [0, 1].
+    def localize(self, xn: Tensor, norm: str = "image") -> tuple[Tensor, Tensor]:
+        """Localizer scores ``[B, C]`` and the min-max normalised map ``[B, 1, H, W]`` in [0, 1].
 
         Args:
             xn: ImageNet-normalised images.
+            norm: ``"image"`` (min-max per image) or ``"batch"`` (one min and max over the
+                whole batch, as the authors' ``get_pseudo_binary_mask``; training only).
         """
         scores, raw = self.localize_raw(xn)
+        if norm == "batch":
+            return scores, rescale(raw, raw.min(), raw.max())
         return scores, normalize_map(raw)
 
     def map_from_raw(self, raw: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
@@ -298,34 +311,61 @@ class MinMaxEntropy(WSOLMethod):
         return self.pseudo_binary(rescale(raw, lo, hi))
 
     def pseudo_binary(self, raw: Tensor) -> Tensor:
-        """``sigmoid(w (raw - sigma))``."""
-        return torch.sigmoid(self.params.sigmoid_w * (raw - self.params.sigmoid_sigma))
+        """``sigmoid(w (raw - sigma))`` (``sigma`` grows per epoch when ``sigma_growth > 0``)."""
+        return torch.sigmoid(self.params.sigmoid_w * (raw - self.sigma))
 
     def classify(self, xn: Tensor) -> Tensor:
-        """Classifier-head scores ``[B, C]`` of (masked) normalised images."""
+        """Classifier-head scores ``[B, C]`` of (masked) normalised images.
+
+        With ``cls_input_scale < 1`` the images are first resized bilinearly to
+        ``int(H * scale) x int(W * scale)`` (``align_corners=True``), as the authors' ``classify``.
+        """
+        s = self.params.cls_input_scale
+        if s != 1.0:
+            h, w = xn.shape[-2:]
+            xn = F.interpolate(xn, size=(max(1, int(h * s)), max(1, int(w * s))), mode="bilinear",
+                               align_corners=True)
         return self.cls_head(self.backbone(xn))[0]
 
-    def recursive_mask(self, xn: Tensor, labels: Tensor) -> ErasingResult:
-        """Recursive erasing: accumulate trust-weighted masks over ``erase_steps`` rounds."""
+    def recursive_mask(self, xn: Tensor, labels: Tensor, norm: str = "image") -> ErasingResult:
+        """Recursive erasing: accumulate trust-weighted masks over ``erase_steps`` rounds.
+
+        ``erase_mode``, ``erase_ce_check`` and ``erase_loss`` select between medwsol's defaults and
+        the 2019 code (``deepmil/train.py``, ``train_one_epoch``): erase the accumulated mask on the
+        trusted samples only, require each round's per-sample CE to stay <= the first round's, and
+        sum the rounds' localizer CE.
+        """
+        p = self.params
         labels = labels.long().view(-1)
-        rounds = max(1, self.params.erase_steps)
+        rounds = max(1, p.erase_steps)
         alive = torch.ones_like(labels, dtype=torch.bool)
         m_acc: Tensor | None = None
+        first_ce: Tensor | None = None
         losses, trusts = [], []
         x_cur = xn
         for step in range(rounds):
-            scores, raw = self.localize(x_cur)
+            scores, raw = self.localize(x_cur, norm)
             mask = self.pseudo_binary(raw)
-            losses.append(F.cross_entropy(scores, labels))
+            ce = F.cross_entropy(scores.float(), labels, reduction="none")
+            losses.append(ce.mean())
             trust, alive = erasing_trust(torch.softmax(scores.detach(), dim=1), labels, step, alive)
+            if p.erase_ce_check:
+                first_ce = ce.detach() if first_ce is None else first_ce
+                trust = trust * (ce.detach() <= first_ce).float()
             trusts.append(trust)
             weighted = trust.view(-1, 1, 1, 1) * mask
             m_acc = weighted if m_acc is None else torch.maximum(m_acc, weighted)
             if step + 1 < rounds:
                 if not bool(alive.any()):
                     break
-                x_cur = x_cur * (1 - mask.detach())
-        return ErasingResult(m_acc, torch.stack(losses).mean(), torch.stack(trusts))
+                if p.erase_mode == "accumulated":
+                    keep = (trust != 0).float().view(-1, 1, 1, 1)
+                    x_cur = x_cur * (1 - m_acc.detach()) * keep + x_cur * (1 - keep)
+                else:
+                    x_cur = x_cur * (1 - mask.detach())
+        stacked = torch.stack(losses)
+        loc = stacked.sum() if p.erase_loss == "sum" else stacked.mean()
+        return ErasingResult(m_acc, loc, torch.stack(trusts))
 
     # -- WSOLMethod -----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, labels: Tensor | None = None, target_class: int | None = None) -> WSOLOutput:
@@ -351,22 +391,31 @@ class MinMaxEntropy(WSOLMethod):
         return WSOLOutput(logits=logits, weight_map=mask,
                           extras={"loc_logits": loc_scores, "raw_map": raw, "norm_map": norm})
 
+    def erasing_active(self) -> bool:
+        """Whether this epoch trains with recursive erasing (``erase_steps > 0`` from ``erase_start_epoch``)."""
+        return self.params.erase_steps > 0 and self.epoch >= self.params.erase_start_epoch
+
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every active term (``fg``, ``bg``, ``loc``, ``size``), weighted, and their sum ``total``."""
         p = self.params
         y = batch["label"].long().view(-1)
         xn = self.norm(batch["image"])
-        if p.erase_steps > 0:
-            mask, loc_ce, _ = self.recursive_mask(xn, y)
+        if self.erasing_active():
+            mask, loc_ce, _ = self.recursive_mask(xn, y, p.mask_norm)
         else:
-            loc_scores, raw = self.localize(xn)
+            loc_scores, raw = self.localize(xn, p.mask_norm)
             mask = self.pseudo_binary(raw)
-            loc_ce = F.cross_entropy(loc_scores, y)
+            loc_ce = F.cross_entropy(loc_scores.float(), y)
         used = mask.detach() if p.detach_mask else mask
         terms: dict[str, Tensor] = {}
         parts = ([xn * used] if p.fg_loss else []) + ([xn * (1 - used)] if p.bg_loss else [])
         if parts:
-            scores = self.classify(torch.cat(parts)) if len(parts) > 1 else self.classify(parts[0])
+            if len(parts) == 1:
+                scores = self.classify(parts[0])
+            elif p.view_batches == "separate":  # two passes, as the authors' classify(x_pos); classify(x_neg)
+                scores = torch.cat([self.classify(v) for v in parts])
+            else:
+                scores = self.classify(torch.cat(parts))
             chunks = scores.split(xn.shape[0])
             if p.fg_loss:
                 terms["fg"] = F.cross_entropy(chunks[0], y)
@@ -376,24 +425,32 @@ class MinMaxEntropy(WSOLMethod):
         if p.loc_loss:
             terms["loc"] = loc_ce
         if p.size_constraints:
-            fg_area = mask.float().flatten(1).mean(dim=1)
-            s = p.size_min_fraction
-            barrier = extended_log_barrier(s - fg_area, self.barrier_t) + extended_log_barrier(
-                s - (1 - fg_area), self.barrier_t
-            )
+            flat = mask.float().flatten(1)
+            if p.size_mode == "nonempty_pixels":  # TMI: -sum(M) <= 0 and -sum(1 - M) <= 0, pixel counts
+                fg_z, bg_z = -flat.sum(dim=1), -(1 - flat).sum(dim=1)
+            else:  # mean(M) >= s and mean(1 - M) >= s
+                fg_area = flat.mean(dim=1)
+                fg_z, bg_z = p.size_min_fraction - fg_area, p.size_min_fraction - (1 - fg_area)
+            barrier = extended_log_barrier(fg_z, self.barrier_t) + extended_log_barrier(bg_z, self.barrier_t)
             terms["size"] = p.size_weight * barrier.mean()
         terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 
     def on_epoch_end(self, epoch: int) -> None:
-        """Advance the epoch counter and grow the log-barrier ``t`` (capped at ``barrier_tmax``)."""
+        """Advance the epoch counter, grow the log-barrier ``t`` (capped at ``barrier_tmax``) and ``sigma``."""
         super().on_epoch_end(epoch)
-        self.barrier_t = float(min(self.barrier_t * self.params.barrier_growth, self.params.barrier_tmax))
+        p = self.params
+        self.barrier_t = float(min(self.barrier_t * p.barrier_growth, p.barrier_tmax))
+        if p.sigma_growth > 0:
+            cap = p.sigma_max if p.sigma_max is not None else p.sigmoid_sigma
+            self.sigma = float(min(self.sigma + p.sigma_growth, cap))
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "barrier_t": self.barrier_t}
+        return {**super().extra_state(), "barrier_t": self.barrier_t, "sigma": self.sigma}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         if "barrier_t" in state:
             self.barrier_t = float(state["barrier_t"])
+        if "sigma" in state:
+            self.sigma = float(state["sigma"])

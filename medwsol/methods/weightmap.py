@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from medwsol.checkpoint import read_checkpoint
 from medwsol.errors import CheckpointError
-from medwsol.methods.backbones import IMAGENET_MEAN, ImageNetNorm
+from medwsol.methods.backbones import IMAGENET_MEAN, ImageNetNorm, build_backbone
 from medwsol.methods.base import WSOLMethod, WSOLOutput
 from medwsol.methods.cam import CAM
 from medwsol.methods.catalog import METHODS
@@ -335,19 +335,22 @@ class _WeightMapBase(WSOLMethod):
             total = total + p.tv_weight * terms["tv"]
         return w, x, y, terms, total
 
-    def _fixed_pass(self, x: Tensor, views: list[Tensor]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def _fixed_pass(
+        self, x: Tensor, views: list[Tensor]
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
         """Embed the plain image (no gradient) and the masked views with ``f`` as a fixed function.
 
         Returns:
-            The anchor embedding ``e(I)`` and ``(logits, embedding)`` of each view;
-            the views share one batched pass of ``f``.
+            The anchor embedding ``e(I)``, ``(logits, embedding)`` of each view (the views share
+            one batched pass of ``f``), and ``f``'s logits on the plain image (no gradient).
         """
         n = x.shape[0]
         with _as_fixed_function(self.classifier):
             with torch.no_grad():
-                _, anchor = self._classify(x)
+                anchor_logits, anchor = self._classify(x)
             logits, emb = self._classify(torch.cat(views, dim=0))
-        return anchor, [(logits[i * n : (i + 1) * n], emb[i * n : (i + 1) * n]) for i in range(len(views))]
+        pairs = [(logits[i * n : (i + 1) * n], emb[i * n : (i + 1) * n]) for i in range(len(views))]
+        return anchor, pairs, anchor_logits
 
 
 @METHODS.register("weightmap_ce")
@@ -356,7 +359,7 @@ class WeightMapCE(_WeightMapBase):
 
     Loss (terms with weight 0 are skipped; ``cls`` only with ``classifier: joint``)::
 
-        total = ce_weight * CE(f(I*W), y)                       # "fg_ce"
+        total = ce_weight * CE(f(I*W), t)                       # "fg_ce"; t = y, or argmax f(I) (ce_target)
               + embed_weight * ||e(I) - e(I*W)||^2              # "embed", e = L2-normalised GAP features, e(I) detached
               + area_weight * relu(mean(W) - area_target)       # "area", per image, averaged
               + tv_weight * TV(W)                               # "tv"
@@ -377,9 +380,10 @@ class WeightMapCE(_WeightMapBase):
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         p = self.params
         w, x, y, terms, total = self._common(batch)
-        e_img, [(fg_logits, e_fg)] = self._fixed_pass(x, [self.mask_image(x, w)])
+        e_img, [(fg_logits, e_fg)], plain_logits = self._fixed_pass(x, [self.mask_image(x, w)])
         if p.ce_weight > 0:
-            terms["fg_ce"] = F.cross_entropy(fg_logits, y)
+            target = plain_logits.argmax(dim=1) if p.ce_target == "prediction" else y
+            terms["fg_ce"] = F.cross_entropy(fg_logits, target)
             total = total + p.ce_weight * terms["fg_ce"]
         if p.embed_weight > 0:
             terms["embed"] = (e_img - e_fg).pow(2).sum(dim=1).mean()
@@ -390,18 +394,20 @@ class WeightMapCE(_WeightMapBase):
 
 @METHODS.register("weightmap_triplet")
 class WeightMapTriplet(_WeightMapBase):
-    """B2: Siamese triplets on ``f``'s embeddings.
+    """B2: Siamese triplets on an embedding ``e`` (``f``'s pooled features, or a Siamese network).
 
     Loss (terms with weight 0 are skipped; ``cls`` only with ``classifier: joint``)::
 
-        total = TripletMargin(e(I), e(I*W), e(I*(1-W)); margin_fg)          # "triplet_fg", e(I) detached
+        total = TripletMargin(e(I), e(I*W), e(I*(1-W)); margin_fg)          # "triplet_fg"
               + class_weight * TripletMargin(e(fg_i), e(fg_j), e(fg_k); margin_class)
                                                                              # "triplet_class": every triplet of
                                                                              # the batch with y_j = y_i (j != i),
                                                                              # y_k != y_i; 0 when there is none
               + area_weight * relu(mean(W) - area_target) + tv_weight * TV(W) + cls_weight * CE(f(I), y)
 
-    Embeddings are L2-normalised (distances in [0, 2]).
+    Embeddings are L2-normalised (distances in [0, 2]). ``embedder: classifier`` (default) uses
+    ``f``'s features as a fixed function with ``e(I)`` detached; ``embedder: siamese`` trains a
+    separate embedding network (``self.embedder``) with the triplets (see :meth:`embed_views`).
 
     Example:
         >>> import torch
@@ -413,10 +419,40 @@ class WeightMapTriplet(_WeightMapBase):
 
     name = "weightmap_triplet"
 
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        pretrained: str | Path | None = None,
+        output_stride: int = 16,
+        params: Any = None,
+    ) -> None:
+        super().__init__(num_classes, backbone, pretrained, output_stride, params)
+        self.embedder: nn.Module | None = None
+        if self.params.embedder == "siamese":
+            self.embedder = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
+
+    def embed_views(self, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """L2-normalised embeddings of ``I``, ``I*W`` and ``I*(1-W)`` (float32, ``[B, D]`` each).
+
+        ``embedder: classifier``: ``f``'s pooled features, ``f`` as a fixed function (eval-mode BN,
+        no parameter gradient) and ``e(I)`` without gradient. ``embedder: siamese``: the three
+        views go through the Siamese embedding network in one batched pass (its own mode, so
+        batch-norm statistics are those of the ``3B`` views), every branch with gradient.
+        """
+        fg, bg = self.mask_image(x, w), self.mask_image(x, 1.0 - w)
+        if self.embedder is None:
+            e_img, [(_, e_fg), (_, e_bg)], _ = self._fixed_pass(x, [fg, bg])
+            return e_img, e_fg, e_bg
+        feats = self.embedder(self.norm(torch.cat([x, fg, bg], dim=0))).mean(dim=(2, 3))
+        e = F.normalize(feats.float(), dim=1)
+        n = x.shape[0]
+        return e[:n], e[n : 2 * n], e[2 * n :]
+
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         p = self.params
         w, x, y, terms, total = self._common(batch)
-        e_img, [(_, e_fg), (_, e_bg)] = self._fixed_pass(x, [self.mask_image(x, w), self.mask_image(x, 1.0 - w)])
+        e_img, e_fg, e_bg = self.embed_views(x, w)
         terms["triplet_fg"] = F.triplet_margin_loss(e_img, e_fg, e_bg, margin=p.margin_fg)
         total = total + terms["triplet_fg"]
         if p.class_weight > 0:
