@@ -56,7 +56,9 @@ BOMB = "name: x\na: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
 WIDE = "name: x\nbig: &big [" + ",".join(["1"] * 400) + "]\nrefs: [" + ",".join(["*big"] * 60) + "]\n"
 PS = ["prepare", "slides", "--slides", "c/slides.csv", "--annotations", "c/ann", "--config", "slides.yaml",
       "--out", "c/tiles"]
-IN = ["infer", "cohort/slides/s0.tif", "--set", "slides.num_workers=0", "--model", "pkg", "--out", "io"]
+# slides.runtime=torch: the corpus is about inputs; an ONNX runtime would cache graphs inside pkg/
+IN = ["infer", "cohort/slides/s0.tif", "--set", "slides.num_workers=0", "--set", "slides.runtime=torch", "--model", "pkg",
+      "--out", "io"]
 SLIDES_RUN = "runs/demo/20260101-000002"  # a run folder with a finished inference (s0), made by the fixture
 
 
@@ -299,29 +301,29 @@ CASES = [
                                         *OFF], "first: nope.tif",
          outputs=("io",), check=_good_slide_done),
     Case("infer-config-no-run", ["infer", "cohort/slides/s0.tif", "-c", "p.yaml", "--set", "name=fresh", *OFF], "fresh"),
-    Case("infer-no-model", [*IN[:4], "--out", "io"], "--model"),
-    Case("infer-no-out", [*IN[:4], "--model", "pkg"], "--out"),
+    Case("infer-no-model", [*IN[:6], "--out", "io"], "--model"),
+    Case("infer-no-out", [*IN[:6], "--model", "pkg"], "--out"),
     Case("infer-rundir-without-config", [*IN, "--run-dir", FINISHED], "--run-dir"),
     Case("infer-out-is-file", [*IN[:-2], "--out", "p.yaml"], "p.yaml"),
     Case("infer-out-under-file", [*IN[:-2], "--out", "p.yaml/o"], "p.yaml"),
-    Case("infer-model-path-missing", [*IN[:4], "--model", "nope", "--out", "io"], "nope"),
-    Case("infer-model-not-a-package", [*IN[:4], "--model", "data", "--out", "io"], "package.json"),
-    Case("infer-model-checkpoint", [*IN[:4], "--model", "real.pt", "--out", "io"], "real.pt"),
-    Case("infer-package-newer-schema", [*IN[:4], "--model", "pk", "--out", "io"], "newer",
+    Case("infer-model-path-missing", [*IN[:6], "--model", "nope", "--out", "io"], "nope"),
+    Case("infer-model-not-a-package", [*IN[:6], "--model", "data", "--out", "io"], "package.json"),
+    Case("infer-model-checkpoint", [*IN[:6], "--model", "real.pt", "--out", "io"], "real.pt"),
+    Case("infer-package-newer-schema", [*IN[:6], "--model", "pk", "--out", "io"], "newer",
          setup=lambda sb: _package_with(sb, lambda m: m.update(schema_version=99))),
-    Case("infer-package-edited", [*IN[:4], "--model", "pk", "--out", "io"], "digest",
+    Case("infer-package-edited", [*IN[:6], "--model", "pk", "--out", "io"], "digest",
          setup=lambda sb: _package_with(sb, lambda m: m["input"].update(tile_size=32))),
-    Case("infer-package-not-json", [*IN[:4], "--model", "pk", "--out", "io"], "package.json",
+    Case("infer-package-not-json", [*IN[:6], "--model", "pk", "--out", "io"], "package.json",
          setup=lambda sb: _package_with(sb, None, package_json=b"\xff\xfe{")),
-    Case("infer-package-weights-missing", [*IN[:4], "--model", "pk", "--out", "io"], "pk",
+    Case("infer-package-weights-missing", [*IN[:6], "--model", "pk", "--out", "io"], "pk",
          setup=lambda sb: _package_with(sb, None, weights=None)),
-    Case("infer-package-weights-corrupt", [*IN[:4], "--model", "pk", "--out", "io"], "pk",
+    Case("infer-package-weights-corrupt", [*IN[:6], "--model", "pk", "--out", "io"], "pk",
          setup=lambda sb: _package_with(sb, None, weights=b"garbage")),
-    Case("infer-registry-store-missing", [*IN[:4], "--model", "models:/m@champion", "--tracking-uri",
+    Case("infer-registry-store-missing", [*IN[:6], "--model", "models:/m@champion", "--tracking-uri",
                                           "sqlite:///nowhere.db", "--out", "io"], "nowhere.db"),
-    Case("infer-registry-unreachable", [*IN[:4], "--model", "models:/m@champion", "--tracking-uri",
+    Case("infer-registry-unreachable", [*IN[:6], "--model", "models:/m@champion", "--tracking-uri",
                                         "http://127.0.0.1:9", "--out", "io"], "127.0.0.1:9"),
-    Case("infer-registry-unknown-name", [*IN[:4], "--model", "models:/nosuch@champion", "--tracking-uri",
+    Case("infer-registry-unknown-name", [*IN[:6], "--model", "models:/nosuch@champion", "--tracking-uri",
                                          "sqlite:///reg.db", "--out", "io"], "models:/nosuch@champion"),
     Case("infer-classes-conflict", [*IN, "--set", "data.classes=[a,b]"], "data.classes"),
     Case("infer-score-conflict", [*IN, "--set", "slides.score=weight"], "slides.threshold"),
@@ -381,7 +383,8 @@ def sandbox(tmp_path_factory):
     sb = tmp_path_factory.mktemp("bad_inputs")
     demo = (ROOT / "pipelines/demo.yaml").read_text()
     (sb / "p.yaml").write_text(demo.replace("data/demo/manifest.csv", "data/manifest.csv")
-                               .replace("register_as: medwsol-demo", "register_as: null"))
+                               .replace("register_as: medwsol-demo", "register_as: null")
+                               .replace("\nslides:\n", "\nslides:\n  runtime: torch\n"))
     make_synthetic_dataset(sb / "data", n_images=12, size=64, n_valpx=2, progress=False)
     cfg = load_config(sb / "p.yaml", overrides=["model.method=cam", "train.epochs=1"], check=False)
     dump = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

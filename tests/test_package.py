@@ -248,6 +248,12 @@ def test_concurrent_registrations_never_move_the_alias_backwards(pkg_dir, store)
 def test_registry_errors_are_one_line(store, tmp_path):
     from medwsol.stages import resolve_package
 
+    with pytest.raises(TrackingError, match=r"does not exist") as e:  # a store that is not there is not created
+        resolve_package("models:/nope@champion", store, tmp_path)
+    assert not (tmp_path / "mlflow.db").exists()
+    from mlflow import MlflowClient
+
+    MlflowClient(store).search_registered_models()  # the store exists now, without that model
     with pytest.raises(TrackingError, match=r"models:/nope@champion: cannot load from the model registry") as e:
         resolve_package("models:/nope@champion", store, tmp_path)
     assert "\n" not in str(e.value)

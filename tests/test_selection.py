@@ -2,7 +2,7 @@
 train.select_max_val_error, with train.select_ties and early stopping.
 
 The loop really trains (cam, tiny synthetic data); only the per-epoch validation scores are scripted
-(``score_split`` is replaced), so that the expected best epoch is known in advance.
+(the trainer's ``_scores`` is replaced), so that the expected best epoch is known in advance.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from medwsol.checkpoint import read_checkpoint
 from medwsol.config import load_config
-from medwsol.engine import evaluate as evaluate_mod
+from medwsol.engine import train as train_mod
 from medwsol.engine.train import selection_key, train
 from medwsol.pipeline import RunContext
 from medwsol.stages import stage_prepare
@@ -52,7 +52,7 @@ def _run(tmp, run_dir, monkeypatch, trajectory, sets):
     """Train with scripted validation scores; return (summary, best.pt's epoch, train_log)."""
     calls = {"n": 0}
 
-    def fake_score_split(model, loader, device, dtype=None, channels_last=False, n_bins=1000):
+    def fake_scores(model, loader, device, dtype=None, channels_last=False, dist=None):
         epoch, which = divmod(calls["n"], 2)  # per epoch: valid, then valpx
         calls["n"] += 1
         row = trajectory[epoch]
@@ -61,7 +61,7 @@ def _run(tmp, run_dir, monkeypatch, trajectory, sets):
         return {"error": 0.0, "loss": 1.0, "n": 2, "pxap": row.get("valpx_pxap", 50.0), "miou": 40.0, "dice": 45.0,
                 "tau": 0.5}
 
-    monkeypatch.setattr(evaluate_mod, "score_split", fake_score_split)
+    monkeypatch.setattr(train_mod, "_scores", fake_scores)  # the merged scores of valid / valpx
     cfg = _cfg(tmp, [f"train.epochs={len(trajectory)}", *sets])
     summary = train(cfg, run_dir, tracker=NullTracker())
     best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
