@@ -271,12 +271,21 @@ def stage_evaluate(ctx) -> None:
 def _input_contract(cfg) -> dict[str, Any]:
     d = cfg.data
     if d.source == "slides":
-        return {"tile_size": int(d.tiles.tile_size), "target_mpp": float(d.tiles.mpp), "mpp_source": "data.tiles.mpp"}
-    if d.source == "glas":
-        return {"tile_size": int(d.patch_size), "target_mpp": 0.62005,
-                "mpp_source": "GlaS: Warwick-QU images at 20x, 0.62005 um/px"}
-    return {"tile_size": int(d.patch_size), "target_mpp": float(cfg.slides.target_mpp),
-            "mpp_source": "slides.target_mpp (the training images carry no pixel size)"}
+        out = {"tile_size": int(d.tiles.tile_size), "target_mpp": float(d.tiles.mpp), "mpp_source": "data.tiles.mpp"}
+    elif d.source == "glas":
+        out = {"tile_size": int(d.patch_size), "target_mpp": 0.62005,
+               "mpp_source": "GlaS: Warwick-QU images at 20x, 0.62005 um/px"}
+    else:
+        out = {"tile_size": int(d.patch_size), "target_mpp": float(cfg.slides.target_mpp),
+               "mpp_source": "slides.target_mpp (the training images carry no pixel size)"}
+    # how the pipeline that made the package stitches slides: `medwsol infer --model` without a config
+    # stitches the same way (the overlap as a fraction of the tile, so another tile size keeps it)
+    from medwsol.engine.infer import effective_overlap
+
+    s = cfg.slides
+    out["stitching"] = {"overlap_fraction": effective_overlap(s) / int(s.tile_size), "blend": s.blend,
+                        "blend_sigma": float(s.blend_sigma)}
+    return out
 
 
 def _sha256_json(obj: Any) -> str:
@@ -428,6 +437,13 @@ def serving_setup(pkg, slides_cfg, explicit: set[str] | None = None, classes: li
         raise ConfigError(
             f"slides.score/positive_class: the package's tau ({cal['tau']:.3f}) was chosen for the {cal['score']} "
             f"score of {pkg.meta['positive_class']!r}; fix: drop the override, or also set slides.threshold")
+    stitching = inp.get("stitching") or {}  # packages made before it was recorded: the slides defaults
+    for key in ("blend", "blend_sigma"):
+        if key not in explicit and stitching.get(key) is not None:
+            updates[key] = stitching[key]
+    if "overlap" not in explicit and stitching.get("overlap_fraction") is not None:
+        tile = int(updates.get("tile_size", slides_cfg.tile_size))
+        updates["overlap"] = min(tile - 1, int(round(float(stitching["overlap_fraction"]) * tile)))
     settings = slides_cfg.model_copy(update=updates)
     if "overlap" in explicit and settings.overlap is not None and settings.overlap >= settings.tile_size:
         raise ConfigError(f"slides.overlap: {settings.overlap} must be smaller than the tile size {settings.tile_size}; "
@@ -495,7 +511,7 @@ def serving_runtime(pkg, served, settings, device, console: Console | None = Non
 def infer_from_package(pkg, slides: list[Path], settings, out_dir: Path, device, tracker=None,
                        amp: str = "auto", served=None, console: Console | None = None) -> pd.DataFrame:
     """Run the cohort with a package's served model; print where tau came from and each failure."""
-    from medwsol.engine.infer import infer_cohort
+    from medwsol.engine.infer import effective_overlap, infer_cohort
 
     console = console or _console()
     if served is None:
@@ -507,7 +523,8 @@ def infer_from_package(pkg, slides: list[Path], settings, out_dir: Path, device,
     score = ("weight map x P(" + served.positive_class + ")") if served.score_mode == "weight_x_prob" else "weight map"
     console.print(f"{len(slides)} slide(s); model {pkg.source} ({pkg.digest[:19]}); score: {score}; "
                   f"tau {served.tau:.3f} from {served.tau_source}; tiles {settings.tile_size} px at "
-                  f"{settings.target_mpp} um/px; output {out_dir}")
+                  f"{settings.target_mpp} um/px, overlap {effective_overlap(settings)} px ({settings.blend}); "
+                  f"output {out_dir}")
     df = infer_cohort(served, slides, settings, out_dir, device, tracker=tracker, amp=amp)
     for _, r in df[df.status == "failed"].iterrows():
         console.print(f"[red]failed:[/] {r['error']}")

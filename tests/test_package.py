@@ -132,6 +132,27 @@ def test_serving_setup_takes_the_package_and_refuses_conflicts(pkg_dir):
         serving_setup(pkg, SlidesConfig(positive_class="benign"), explicit={"positive_class"})
 
 
+def test_the_package_carries_how_its_pipeline_stitches_slides(tmp_path):
+    """`medwsol infer --model` with no config stitches as the pipeline that made the package (overlap, blend)."""
+    from medwsol.config import SlidesConfig, load_config
+    from medwsol.stages import _input_contract, serving_setup
+
+    cfg = load_config(ROOT / "pipelines" / "slides.yaml", check=False)
+    contract = _input_contract(cfg)
+    assert contract["stitching"] == {"overlap_fraction": 64 / 128, "blend": "feather", "blend_sigma": 0.125}
+    net = build_method("cam", num_classes=2, backbone="resnet18", output_stride=16)
+    d = build_package(tmp_path / "p", net.state_dict(), {**net.describe(), "extra_state": {}}, CLASSES, "tumour",
+                      contract, {"map_range": None, "score": "weight", "tau": 0.5}, {})
+    pkg = load_package(d)
+    _, s = serving_setup(pkg, SlidesConfig())  # a bare `medwsol infer`: the defaults would be 32 px, feather
+    assert (s.tile_size, s.overlap, s.blend) == (128, 64, "feather")
+    _, s = serving_setup(pkg, SlidesConfig(tile_size=256), explicit={"tile_size"})
+    assert s.overlap == 128  # the same fraction of another tile size
+    chosen = SlidesConfig(overlap=16, blend="gaussian")
+    _, s = serving_setup(pkg, chosen, explicit={"overlap", "blend"})
+    assert (s.overlap, s.blend) == (16, "gaussian")  # what the user sets wins
+
+
 # ---------------------------------------------------------------------------------- MLflow registry
 
 
