@@ -10,8 +10,6 @@ A checkpoint is a dict::
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +30,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{p}: checkpoint not found; fix: check the path or train first")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, IndexError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    except Exception as err:  # noqa: BLE001 - torch's legacy unpickler raises anything (KeyError, IndexError...) on junk
+        text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        first = f"{type(err).__name__}: {text}" if text else type(err).__name__
         raise CheckpointError(f"{p}: not a readable checkpoint ({first}); fix: use a checkpoint written by medwsol") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(

@@ -142,6 +142,20 @@ def test_unreadable_or_missing_file(tmp_path):
         load_pretrained(build_backbone("resnet18"), tmp_path / "nodict.pt")
 
 
+@pytest.mark.parametrize("payload", [b"junk\n", b"\x80\x02}q\x00", bytes(range(256)) * 4, b"PK\x03\x04broken"],
+                         ids=["text", "truncated-pickle", "binary", "broken-zip"])
+def test_any_undecodable_weights_file_is_one_checkpoint_error(tmp_path, payload):
+    """torch's weights-only unpickler raises KeyError, IndexError, ... on junk: all are one CheckpointError."""
+    from medwsol.checkpoint import read_checkpoint
+
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(payload)
+    with pytest.raises(CheckpointError, match=r"w.pth: not a readable weights file .*fix:"):
+        load_pretrained(build_backbone("resnet18"), bad)
+    with pytest.raises(CheckpointError, match=r"w.pth: not a readable checkpoint .*fix:"):
+        read_checkpoint(bad)
+
+
 def test_unknown_backbone():
     with pytest.raises(RegistryError, match="resnet18"):
         build_backbone("resnet81")

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import socket
 import threading
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -351,8 +349,9 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"{p}: pretrained weights not found; fix: give the path of a local ResNet state dict")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    except Exception as err:  # noqa: BLE001 - torch's legacy unpickler raises anything (KeyError, IndexError...) on junk
+        text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        first = f"{type(err).__name__}: {text}" if text else type(err).__name__
         raise CheckpointError(
             f"{p}: not a readable weights file ({first}); fix: save it with torch.save(state_dict)"
         ) from None
