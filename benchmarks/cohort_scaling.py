@@ -73,15 +73,14 @@ def near_free_served():
 
 def near_free_task(package_dir, digest, serve, slide, settings, out_root, name, device, amp):
     """:func:`medwsol.engine.cohort.slide_task` with the near-free model instead of a package."""
-    import multiprocessing
     from pathlib import Path
 
     from medwsol.config import SlidesConfig
     from medwsol.engine.infer import failed_row, infer_slide
 
-    cfg = SlidesConfig.model_validate(settings)
-    if multiprocessing.current_process().daemon and cfg.num_workers:
-        cfg = cfg.model_copy(update={"num_workers": 0})
+    from medwsol.engine.cohort import worker_settings
+
+    cfg = worker_settings(SlidesConfig.model_validate(settings), device)
     try:
         return infer_slide(near_free_served(), Path(slide), cfg, Path(out_root), device, progress=False, amp=amp,
                            name=name)
