@@ -174,14 +174,23 @@ def _signals_as_interrupts() -> Iterator[None]:
         if pending and os.getpid() == pid:
             interrupt(pending[0])  # the first one was swallowed somewhere
 
+    hook = sys.unraisablehook
+
+    def quiet_swallowed(unraisable):  # an interrupt raised inside a finaliser: re-raised by the timer, no traceback
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and pending:
+            return
+        hook(unraisable)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
+    sys.unraisablehook = quiet_swallowed
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in previous.items():
             signal.signal(s, h)
+        sys.unraisablehook = hook
 
 
 def _settle_threads(timeout: float = 5.0) -> None:
