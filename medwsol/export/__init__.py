@@ -217,7 +217,8 @@ def export_slide(
                 small = _strided(heat, 2 * thumbnail_size).astype(np.float32)
                 mask = None if cov is None else _strided(cov, 2 * thumbnail_size).astype(bool)
                 paths[fmt] = slide_thumbnail(_thumbnail(meta, thumbnail_size), small, target, cmap=cfg.colormap,
-                                             title=f"{name}  (threshold {thr:.3g})", tissue_mask=mask)
+                                             title=f"{name}  (threshold {thr:.3g})", tissue_mask=mask,
+                                             label=_score_label(meta))
             elif fmt in ("nifti", "mha"):
                 from medwsol.export.volume import write_volume
 
@@ -226,3 +227,10 @@ def export_slide(
         raise DataError(f"{out}: cannot write {err.filename or 'the exports'} ({err.strerror or err}); "
                         "fix: make the folder writable or pass another out_dir") from None
     return paths
+
+
+def _score_label(meta: dict) -> str:
+    """What the heatmap values are, for a colour bar: the served score named in ``meta.json``."""
+    if meta.get("score") == "weight_x_prob":
+        return f"weight x P({meta.get('positive_class') or 'positive'})"
+    return "weight"

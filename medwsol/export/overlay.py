@@ -284,8 +284,9 @@ def slide_thumbnail(
     tissue_mask: Any = None,
     dpi: int = 100,
     max_inches: float = 16.0,
+    label: str = "weight",
 ) -> Path:
-    """A whole-slide heatmap blended over the slide thumbnail, with a 0..1 colour bar labelled ``weight``.
+    """A whole-slide heatmap blended over the slide thumbnail, with a 0..1 colour bar named ``label``.
 
     Args:
         thumb_rgb: low-resolution slide image.
@@ -328,7 +329,7 @@ def slide_thumbnail(
     ax.imshow(blended, interpolation="nearest")
     _no_ticks(ax)
     cb = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap(cmap)), ax=ax, fraction=0.05, pad=0.02)
-    cb.set_label("weight")
+    cb.set_label(label)
     if title:
         ax.set_title(title, fontsize=11)
     return _save(fig, out_png, dpi)
