@@ -404,10 +404,14 @@ def test_entrypoint_refuses_an_unwritable_data_folder(tmp_path):
         table = top / "mountinfo"
         table.write_text(f"30 22 8:1 /srv/x {top / 'data'} rw - ext4 /dev/sda1 rw\n")
         table.chmod(0o644)
+        # a copy the dropped uid can read: the checkout may sit under a private (0700) folder, e.g. mktemp -d
+        script = top / "entrypoint.sh"
+        shutil.copy(ENTRYPOINT, script)
+        script.chmod(0o755)
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
         env = dict(os.environ, MEDWSOL_DATA_DIR=str(top / "data"), MEDWSOL_RUNS_DIR=str(top / "runs"),
                    MEDWSOL_MOUNTINFO=str(table))
-        res = subprocess.run([*drop, "/bin/sh", str(ENTRYPOINT), "run", "pipelines/demo.yaml"], capture_output=True,
+        res = subprocess.run([*drop, "/bin/sh", str(script), "run", "pipelines/demo.yaml"], capture_output=True,
                              text=True, env=env, cwd="/", timeout=60)
         msg = _one_line_error(res)
     finally:

@@ -296,7 +296,9 @@ def test_interrupted_mid_way_leaves_nothing(tmp_path):
     """Ctrl-C while images are being written: no out_dir, no temporary folder left."""
     out = tmp_path / "data"
     code = (
-        "import sys; from medwsol.data.synthetic import make_synthetic_dataset; "
+        # Ctrl-C as in a terminal, even when this test runs in a background job (which inherits SIGINT ignored)
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from medwsol.data.synthetic import make_synthetic_dataset; "
         "make_synthetic_dataset(sys.argv[1], n_images=20000, size=64, n_valpx=2, progress=False)"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
