@@ -22,14 +22,10 @@ import pytest
 
 from medwsol.config import SlidesConfig, parse_cluster
 
+from conftest import free_port  # noqa: E402 - tests/ is on sys.path under pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(args, cwd, timeout=600, env=None):
@@ -149,7 +145,7 @@ def _stop(procs):
 
 
 def _scheduler(tmp_path):
-    port = _free_port()
+    port = free_port()
     sched = _start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                     "--dashboard-address", ":0", "--no-show"], log=open(tmp_path / "scheduler.log", "w"))
     addr = f"tcp://127.0.0.1:{port}"
@@ -210,7 +206,7 @@ def test_external_scheduler_survives_a_killed_worker(cohort, tmp_path):
 def test_bad_clusters_are_one_line_and_write_nothing(cohort, tmp_path):
     """Unreachable scheduler, more local workers than cores, a worker that lacks a dependency: exit 2, no output."""
     base = ["infer", str(cohort["slides"][0]), "--model", str(cohort["pkg"]), "--no-export"]
-    res = _cli([*base, "--out", "o1", "--cluster", f"tcp://127.0.0.1:{_free_port()}"], tmp_path)
+    res = _cli([*base, "--out", "o1", "--cluster", f"tcp://127.0.0.1:{free_port()}"], tmp_path)
     line = _one_line(res.stderr)
     assert res.returncode == 2 and "--cluster" in line and "no Dask scheduler answers" in line and "fix:" in line
     res = _cli([*base, "--out", "o2", "--cluster", f"local:{(os.cpu_count() or 1) + 64}"], tmp_path)

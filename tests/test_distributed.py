@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ import pytest
 import torch
 
 from medwsol.engine.distributed import ShardSampler, param_digest
+
+from conftest import free_port  # noqa: E402 - tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,12 +47,6 @@ def _run(args, cwd, timeout=900, exe=None):
     cmd = [*(exe or [str(BIN / "medwsol")]), *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200"})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_shards_of_a_step_are_the_one_process_batch():
@@ -173,7 +168,7 @@ def test_bad_nproc_and_a_refusing_tracking_server_are_one_line(demo):
     assert res.returncode == 2 and "--nproc 4096" in line and "fix:" in line and "Traceback" not in res.stderr
     res = _run(["train", "demo.yaml", "--nproc", "2", *_sets(["run_root=bad2", "data.batch_size=7"])], demo)
     assert res.returncode == 2 and "not divisible by 2" in res.stderr.strip().splitlines()[-1]
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens: the server refuses the connection
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: the server refuses the connection
     res = _run(["train", "demo.yaml", "--nproc", "2", *_sets(["run_root=bad3", f"tracking.uri={uri}"])], demo)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port  # noqa: E402 - tests/ is on sys.path under pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(tmp_path):
-    port = _free_port()
+    port = free_port()
     (tmp_path / "server").mkdir()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
@@ -88,7 +83,7 @@ def test_pipeline_tracked_and_registered_on_an_mlflow_server(server, tmp_path):
     assert pkg.digest == read_package_meta(local)["digest"]
     assert json.loads((local / "package.json").read_text())["provenance"]["run_id"] == mv.run_id
     # a server that refuses (nothing listens on this port): one line naming tracking.uri, nothing written
-    bad = f"http://127.0.0.1:{_free_port()}"
+    bad = f"http://127.0.0.1:{free_port()}"
     res = subprocess.run([str(BIN / "medwsol"), "train", "demo.yaml", "--set", f"tracking.uri={bad}",
                           "--set", "run_root=bad", *[a for s in sets[:7] for a in ("--set", s)]],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
