@@ -25,6 +25,10 @@ __all__ = ["MedwsolPackageModel"]
 class MedwsolPackageModel(PythonModel):
     """Serves a model package: probabilities, weight maps and scores for batches of RGB tiles."""
 
+    # predict takes tensors (uint8 tiles), which the signature logged with the model describes and MLflow's
+    # type-hint validation does not: opt out of the latter, and of its "add type hints" warning at import
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from medwsol.engine.served import served_from_package
         from medwsol.package import load_package

@@ -195,7 +195,6 @@ class MLflowTracker:
         name only packages an index serves (torch, monai, safetensors, ...). Nothing is pickled.
         """
         import logging
-        import warnings
 
         import mlflow
         import mlflow.pyfunc
@@ -222,10 +221,7 @@ class MLflowTracker:
         for lg in quiet:
             lg.setLevel(logging.ERROR)
         try:
-            with warnings.catch_warnings(), mlflow.start_run(run_id=self.run_id,
-                                                             nested=mlflow.active_run() is not None):
-                # the predict method takes tensors, not the typed records MLflow's type hints describe
-                warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
+            with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
                 info = mlflow.pyfunc.log_model(
                     name=name,
                     python_model=pyfunc_model.__file__,

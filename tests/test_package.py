@@ -219,6 +219,15 @@ def test_registry_round_trip_pyfunc_and_model_card(pkg_dir, store, tmp_path, mon
     assert "medwsol" not in reqs and "torch==" in reqs and "safetensors" in reqs
 
 
+def test_loading_the_pyfunc_code_prints_no_mlflow_type_hint_warning():
+    # MLflow warns "Add type hints to the `predict` method" at class creation unless the model opts out; the
+    # warning used to appear three times in every `make demo` (import, log_model, registration)
+    code = "import warnings; warnings.simplefilter('always'); import medwsol.pyfunc_model"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "type hint" not in out.stderr.lower(), out.stderr
+
+
 def test_champion_moves_only_on_fair_improvement(pkg_dir, store):
     from mlflow import MlflowClient
 
