@@ -281,8 +281,11 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base, monai: bool = Tr
 
     srv = served(model)
 
-    def step():
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    onnx = hasattr(srv, "runtime")
+
+    def step():  # the conversion infer_slide makes: channels_last floats for torch, NCHW-contiguous for ONNX
+        x = batch.permute(0, 3, 1, 2)
+        x = (x.contiguous() if onnx else x).float().div_(255.0)
         with autocast(dev, dtype):
             p, w, sc = srv(x)
         return sc.float().mean().item() + p.float().sum().item()

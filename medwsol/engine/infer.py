@@ -16,9 +16,10 @@ folder beside it and renamed into place at the end (a folder that exists is comp
     tiles.csv      one row per inferred tile
 
 * ``heatmap[r, c]`` is the weighted mean of the tiles' **served scores** over all tiles covering heatmap
-  pixel ``(r, c)``, each tile weighted by MONAI's Gaussian importance map over its footprint
-  (``slides.blend: gaussian``; ``constant`` is a plain average), so a tile's border - where a CNN's
-  map is least reliable - hands over to the neighbouring tile's centre. A tile's score is what the
+  pixel ``(r, c)``, each tile weighted by an importance map over its footprint (``slides.blend``:
+  ``feather``, the default, falls linearly to ~0 across the overlap; ``gaussian`` is MONAI's Gaussian
+  importance map; ``constant`` a plain average), so a tile's border - where a CNN's map is least
+  reliable - hands over to the neighbouring tile's centre. A tile's score is what the
   model package serves (:class:`medwsol.engine.served.ServedModel`): the weight map with the
   package's **fixed** map range (never rescaled per tile), or (``weight_x_prob``) that times the
   tile's probability of the package's positive class. 0 where no tile was inferred (background,
@@ -68,6 +69,7 @@ import math
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -693,48 +695,72 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
                 weights[key] = importance_map(key[0], key[1], blend, sigma, ramp=ramp * key[0] / cfg.tile_size)
             sink.aggregate(tile, (int(r0[i]), int(c0[i])), weights[key])
 
+    onnx = hasattr(served, "runtime")  # an ONNX Runtime graph: it takes contiguous NCHW float32
+
+    def compute(imgs: torch.Tensor, idx: torch.Tensor) -> tuple:
+        """One batch through the model; returns what :func:`stitch` merges (host copies issued, not awaited)."""
+        with torch.inference_mode():
+            # [B, H, W, 3] uint8 -> [B, 3, H, W] float on the device (normalisation happens there, inside the
+            # network): the permuted view is channels_last already, as torch's convolutions want it; an ONNX
+            # graph is fed NCHW-contiguous floats made in one pass (no second copy in the runtime)
+            x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2)
+            x = (x.contiguous() if onnx else x).float().div_(255.0)
+            with autocast(dev, dtype):
+                p, wm, score = served(x)
+            if p.shape[1] != n_classes:
+                raise SlideError(
+                    f"{slide_path}: the model outputs {p.shape[1]} classes but its package names {n_classes} "
+                    f"({served.classes}); fix: re-package the model"
+                )
+            idx = idx.numpy()
+            score = score.float()
+            hs, ws = r1[idx] - r0[idx], c1[idx] - c0[idx]
+            outs = [p.float(), wm.float().mean(dim=(1, 2, 3))]
+            groups = []
+            for bh, bw in sorted(set(zip(hs.tolist(), ws.tolist()))):
+                sel = np.nonzero((hs == bh) & (ws == bw))[0]
+                part = score[torch.as_tensor(sel, device=score.device)] if len(sel) < len(idx) else score
+                mh, mw = part.shape[-2:]
+                if (bh, bw) != (mh, mw):
+                    mode = "area" if bh <= mh and bw <= mw else "bilinear"
+                    part = F.interpolate(part, size=(bh, bw), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+                groups.append(sel)
+                outs.append(part)
+            # on a GPU: asynchronous copies into pinned host memory, merged one batch later, so the device
+            # never waits for the stitching (no sync per batch); on a CPU these are the tensors
+            host = [o.to("cpu", non_blocking=cuda) for o in outs]
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()
+            return idx, host, groups, done
+
     pending: list[tuple] = []
     try:
         with _progress(progress) as bar, torch.inference_mode():
             task = bar.add_task(slide_path.name[:40], total=len(ds))
-            for imgs, idx in loader:
-                # [B, H, W, 3] uint8 -> [B, 3, H, W] float on the device (normalisation happens there, inside
-                # the network): the permuted view is channels_last already
-                x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-                with autocast(dev, dtype):
-                    p, wm, score = served(x)
-                if p.shape[1] != n_classes:
-                    raise SlideError(
-                        f"{slide_path}: the model outputs {p.shape[1]} classes but its package names {n_classes} "
-                        f"({served.classes}); fix: re-package the model"
-                    )
-                idx = idx.numpy()
-                score = score.float()
-                hs, ws = r1[idx] - r0[idx], c1[idx] - c0[idx]
-                outs = [p.float(), wm.float().mean(dim=(1, 2, 3))]
-                groups = []
-                for bh, bw in sorted(set(zip(hs.tolist(), ws.tolist()))):
-                    sel = np.nonzero((hs == bh) & (ws == bw))[0]
-                    part = score[torch.as_tensor(sel, device=score.device)] if len(sel) < len(idx) else score
-                    mh, mw = part.shape[-2:]
-                    if (bh, bw) != (mh, mw):
-                        mode = "area" if bh <= mh and bw <= mw else "bilinear"
-                        part = F.interpolate(part, size=(bh, bw), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-                    groups.append(sel)
-                    outs.append(part)
-                # on a GPU: asynchronous copies into pinned host memory, merged one batch later, so the
-                # device never waits for the stitching (no sync per batch); on a CPU these are the tensors
-                host = [o.to("cpu", non_blocking=cuda) for o in outs]
-                done = None
-                if cuda:
-                    done = torch.cuda.Event()
-                    done.record()
-                pending.append((idx, host, groups, done))
-                if len(pending) > 1:
-                    stitch(*pending.pop(0))
-                bar.advance(task, len(idx))
+            if cuda:
+                for imgs, idx in loader:
+                    pending.append(compute(imgs, idx))
+                    if len(pending) > 1:
+                        done_idx = pending[0][0]
+                        stitch(*pending.pop(0))
+                        bar.advance(task, len(done_idx))
+            else:
+                # on a CPU the model runs in a second thread (torch and ONNX Runtime release the GIL) while this
+                # one stitches the previous batch into the heatmap: the merging hides behind the model
+                with ThreadPoolExecutor(1, thread_name_prefix="medwsol-model") as pool:
+                    for imgs, idx in loader:
+                        pending.append(pool.submit(compute, imgs, idx))
+                        if len(pending) > 1:
+                            res = pending.pop(0).result()
+                            stitch(*res)
+                            bar.advance(task, len(res[0]))
+                    pending = [f.result() for f in pending]
             while pending:
+                done_idx = pending[0][0]
                 stitch(*pending.pop(0))
+                bar.advance(task, len(done_idx))
     finally:
         ds.close()
 
