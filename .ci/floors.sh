@@ -20,14 +20,14 @@ PIP_EXTRA=${PIP_EXTRA:-}
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" - > "$VENV/floors.txt" <<'PYEOF'
 import re
-from pathlib import Path
+import tomllib
 
-text = Path("pyproject.toml").read_text()
-project = text.split("[project]", 1)[1]
-deps = project.split("dependencies = [", 1)[1].split("]", 1)[0]
-extras = project.split("[project.optional-dependencies]", 1)[1].split("dev = [", 1)[1].split("]", 1)[0]
-for name, floor in re.findall(r'"([A-Za-z0-9_.\-]+)>=([0-9][^",;<]*)"', deps + extras):
-    print(f"{name}=={floor}")
+project = tomllib.loads(open("pyproject.toml").read())["project"]
+for req in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*>=\s*([0-9][^,;<\s]*)\s*", req)
+    if m is None:
+        raise SystemExit(f"pyproject.toml: {req!r} has no plain '>=' floor; fix: write it as name>=X")
+    print(f"{m[1]}=={m[3]}")  # a constraints file takes no extras (dask[distributed] pins distributed itself)
 PYEOF
 echo "floors ($VENV/floors.txt):"
 sed 's/^/  /' "$VENV/floors.txt"
