@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/medwsol run pipelines/demo.yaml
 	@echo "make demo: $$(( $$(date +%s) - $(T0) )) s including any install (load average $$(cut -d' ' -f1-3 /proc/loadavg))"
 
-# the suite CI runs (~7 min on 2 cores); the end-to-end tests marked slow (pipelines, Dask clusters, torchrun,
+# the suite CI runs (3-7 min on 2 cores); the end-to-end tests marked slow (pipelines, Dask clusters, torchrun,
 # an MLflow server, model serving: ~20 min more on 2 cores) run with `make test-all`
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
