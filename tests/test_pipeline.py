@@ -75,7 +75,10 @@ def test_run_register_and_evaluate_from_registry(tmp_path):
     assert again["test"]["tau"]["f1_neg"] == pytest.approx(logged["test"]["tau"]["f1_neg"], abs=1e-3)
     # ... and the served view, with the package's own tau (not re-fitted)
     assert again["served"]["tau"] == logged["served"]["tau"]
-    assert again["served"]["test"]["tau"]["dice_fg"] == pytest.approx(logged["served"]["test"]["tau"]["dice_fg"], abs=1e-3)
+    # a fresh process sums floats a little differently (AMD EPYC with AVX-512: PxAP 46.82810 in the run, 46.82815
+    # from the registry, 46.82812 from the checkpoint), which moves a dozen pixels across tau: Dice fg 31.9276 vs
+    # 31.9313 %. 0.01 points is 1e-4 of the pixels; a wrong tau or map range moves it by whole points
+    assert again["served"]["test"]["tau"]["dice_fg"] == pytest.approx(logged["served"]["test"]["tau"]["dice_fg"], abs=0.01)
 
 
 @pytest.mark.slow
