@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(BIN)/pip install --quiet --no-compile $(if $(LOCK),-c $(LOCK)) "$(TORCH)" -e ".[dev]"
 	# byte-compile once, in parallel (~16 s on 2 cores): where PYTHONDONTWRITEBYTECODE=1 is set (this project's
 	# CI machines set it) Python would otherwise recompile torch, MONAI and MLflow in every process (~6 s each)
-	$(BIN)/python -m compileall -q -j 0 -x '/tests?/|/testing/_internal/py3[0-9]+_' $(VENV)/lib medwsol >/dev/null
+	# (a module that does not compile here is only slower to import: a note, not a failed install)
+	$(BIN)/python -m compileall -q -j 0 -x '/tests?/|/testing/_internal/py3[0-9]+_' $(VENV)/lib medwsol >/dev/null \
+		|| echo "note: some modules were not byte-compiled; they compile on import"
 	touch $(STAMP)
 
 install: $(STAMP)

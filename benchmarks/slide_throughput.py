@@ -272,7 +272,7 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base, monai: bool = Tr
     """
     import torch
 
-    from medwsol.engine.infer import SlideTileDataset, infer_slide
+    from medwsol.engine.infer import SlideTileDataset, infer_slide, model_input
     from medwsol.engine.runtime import autocast
 
     res: dict = {}
@@ -281,13 +281,9 @@ def measure(args, model, dev, dtype, cfg, slide_path, xy, base, monai: bool = Tr
 
     srv = served(model)
 
-    onnx = hasattr(srv, "runtime")
-
-    def step():  # the conversion infer_slide makes: channels_last floats for torch, NCHW-contiguous for ONNX
-        x = batch.permute(0, 3, 1, 2)
-        x = (x.contiguous() if onnx else x).float().div_(255.0)
+    def step():  # the conversion infer_slide makes (channels_last floats for torch, NCHW for ONNX)
         with autocast(dev, dtype):
-            p, w, sc = srv(x)
+            p, w, sc = srv(model_input(batch, srv, dev))
         return sc.float().mean().item() + p.float().sum().item()
 
     for _ in range(args.repeats):

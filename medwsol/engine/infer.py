@@ -654,6 +654,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def model_input(imgs: torch.Tensor, served, device: torch.device) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8 tiles -> ``[B, 3, H, W]`` floats in [0, 1] on ``device``, as ``served`` takes them.
+
+    Normalisation happens inside the network. The permuted view is channels_last, as torch's convolutions
+    want it; an ONNX Runtime graph (``served.runtime``) is fed NCHW-contiguous floats made in one pass.
+    """
+    x = imgs.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return (x.contiguous() if hasattr(served, "runtime") else x).float().div_(255.0)
+
+
 def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, probs, mean_w, progress) -> None:
     """Batched inference with a prefetching DataLoader; stitches each tile's served score into ``sink``.
 
@@ -695,18 +705,11 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
                 weights[key] = importance_map(key[0], key[1], blend, sigma, ramp=ramp * key[0] / cfg.tile_size)
             sink.aggregate(tile, (int(r0[i]), int(c0[i])), weights[key])
 
-    onnx = hasattr(served, "runtime")  # an ONNX Runtime graph: it takes contiguous NCHW float32
-
     def compute(imgs: torch.Tensor, idx: torch.Tensor) -> tuple:
         """One batch through the model; returns what :func:`stitch` merges (host copies issued, not awaited)."""
         with torch.inference_mode():
-            # [B, H, W, 3] uint8 -> [B, 3, H, W] float on the device (normalisation happens there, inside the
-            # network): the permuted view is channels_last already, as torch's convolutions want it; an ONNX
-            # graph is fed NCHW-contiguous floats made in one pass (no second copy in the runtime)
-            x = imgs.to(dev, non_blocking=True).permute(0, 3, 1, 2)
-            x = (x.contiguous() if onnx else x).float().div_(255.0)
             with autocast(dev, dtype):
-                p, wm, score = served(x)
+                p, wm, score = served(model_input(imgs, served, dev))
             if p.shape[1] != n_classes:
                 raise SlideError(
                     f"{slide_path}: the model outputs {p.shape[1]} classes but its package names {n_classes} "
@@ -735,33 +738,30 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
                 done.record()
             return idx, host, groups, done
 
-    pending: list[tuple] = []
+    # On a CPU the model runs in a second thread (torch and ONNX Runtime release the GIL) while this one
+    # stitches the previous batch into the heatmap, so the merging hides behind the model. On CUDA the
+    # model runs here: its work is asynchronous already, and a batch is merged one batch later.
+    pool = None if cuda else ThreadPoolExecutor(1, thread_name_prefix="medwsol-model")
+    pending: list = []
     try:
         with _progress(progress) as bar, torch.inference_mode():
             task = bar.add_task(slide_path.name[:40], total=len(ds))
-            if cuda:
-                for imgs, idx in loader:
-                    pending.append(compute(imgs, idx))
-                    if len(pending) > 1:
-                        done_idx = pending[0][0]
-                        stitch(*pending.pop(0))
-                        bar.advance(task, len(done_idx))
-            else:
-                # on a CPU the model runs in a second thread (torch and ONNX Runtime release the GIL) while this
-                # one stitches the previous batch into the heatmap: the merging hides behind the model
-                with ThreadPoolExecutor(1, thread_name_prefix="medwsol-model") as pool:
-                    for imgs, idx in loader:
-                        pending.append(pool.submit(compute, imgs, idx))
-                        if len(pending) > 1:
-                            res = pending.pop(0).result()
-                            stitch(*res)
-                            bar.advance(task, len(res[0]))
-                    pending = [f.result() for f in pending]
+
+            def merge_oldest() -> None:
+                job = pending.pop(0)
+                res = job if pool is None else job.result()
+                stitch(*res)
+                bar.advance(task, len(res[0]))
+
+            for imgs, idx in loader:
+                pending.append(compute(imgs, idx) if pool is None else pool.submit(compute, imgs, idx))
+                if len(pending) > 1:
+                    merge_oldest()
             while pending:
-                done_idx = pending[0][0]
-                stitch(*pending.pop(0))
-                bar.advance(task, len(done_idx))
+                merge_oldest()
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         ds.close()
 
 
