@@ -152,8 +152,10 @@ def test_read_region_pads_outside_with_white_and_blocks_match(gradient_slide):
     assert (rgb[:, 60:] == 255).all() and (rgb[60:, :] == 255).all()
     assert (rgb[:40, :40, 2] == 20).all()
     direct = read_region_at_mpp(s, 0, 0, 200, 150, 4.0)
-    blocks = read_region_at_mpp(s, 0, 0, 200, 150, 4.0, max_read_px=64 * 64)
+    blocks = read_region_at_mpp(s, 0, 0, 200, 150, 4.0, max_read_px=64 * 64, workers=3)
     assert np.abs(direct.astype(int) - blocks.astype(int)).max() <= 2
+    # the blocks read side by side in threads are the blocks read one after the other
+    np.testing.assert_array_equal(blocks, read_region_at_mpp(s, 0, 0, 200, 150, 4.0, max_read_px=64 * 64, workers=1))
 
 
 # -------------------------------------------------------------------------------------- tissue

@@ -206,6 +206,7 @@ def read_region_at_mpp(
     mpp: float,
     base_mpp: float | None = None,
     max_read_px: int = MAX_READ_PX,
+    workers: int | None = None,
 ) -> np.ndarray:
     """Read a region at a target resolution from the best pyramid level, resized to ``(w, h)``.
 
@@ -217,7 +218,10 @@ def read_region_at_mpp(
         h: height at ``mpp``.
         mpp: target resolution (µm/px).
         base_mpp: the slide's level-0 mpp (default: :func:`slide_mpp`).
-        max_read_px: larger level reads are done block by block (bounded memory).
+        max_read_px: larger level reads are done block by block (bounded memory: ``workers`` blocks of at
+            most this many level pixels at a time).
+        workers: threads reading those blocks side by side (OpenSlide is thread-safe and releases the GIL
+            while it decodes); default: the CPUs this process may use, at most 4.
 
     Returns:
         RGB ``uint8`` array ``[h, w, 3]``; pixels outside the slide are white (padding).
@@ -229,13 +233,34 @@ def read_region_at_mpp(
     ds0 = mpp / base  # level-0 px per output px
     out = np.empty((h, w, 3), np.uint8)
     side = max(1, int(math.sqrt(max_read_px) / max(within, 1e-9)))
-    for oy in range(0, h, side):
-        for ox in range(0, w, side):
-            bw, bh = min(side, w - ox), min(side, h - oy)
-            out[oy : oy + bh, ox : ox + bw] = _read_once(
-                slide, x + round(ox * ds0), y + round(oy * ds0), bw, bh, level, within
-            )
+    # blocks of equal size (a 1280-px-wide read is two 640-px blocks, not 1024 + 256), read in parallel
+    n_rows, n_cols = math.ceil(h / side), math.ceil(w / side)
+    sh, sw = math.ceil(h / n_rows), math.ceil(w / n_cols)
+    blocks = [(oy, ox, min(sw, w - ox), min(sh, h - oy)) for oy in range(0, h, sh) for ox in range(0, w, sw)]
+
+    def read(block: tuple[int, int, int, int]) -> None:
+        oy, ox, bw, bh = block
+        out[oy : oy + bh, ox : ox + bw] = _read_once(
+            slide, x + round(ox * ds0), y + round(oy * ds0), bw, bh, level, within
+        )
+
+    n = max(1, min(len(blocks), int(workers or min(4, _cpus()))))
+    if n == 1:
+        for b in blocks:
+            read(b)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n, thread_name_prefix="medwsol-read") as pool:
+            list(pool.map(read, blocks))
     return out
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _read_once(slide, x: int, y: int, w: int, h: int, level: int, within: float) -> np.ndarray:
@@ -263,10 +288,14 @@ def saturation(rgb: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarray:
     out = np.empty(rgb.shape[:2], np.float32)
     for r in range(0, rgb.shape[0], rows_per_chunk):
         block = rgb[r : r + rows_per_chunk]
-        hi = block.max(axis=2).astype(np.float32)
-        lo = block.min(axis=2).astype(np.float32)
-        np.divide(hi - lo, hi, out=out[r : r + rows_per_chunk], where=hi > 0)
-        out[r : r + rows_per_chunk][hi == 0] = 0.0
+        c0, c1, c2 = block[..., 0], block[..., 1], block[..., 2]
+        # elementwise max/min of the three planes: ~20x faster than a reduction over a length-3 axis
+        hi = np.maximum(np.maximum(c0, c1), c2)
+        lo = np.minimum(np.minimum(c0, c1), c2)
+        o = out[r : r + rows_per_chunk]
+        np.subtract(hi, lo, out=o, dtype=np.float32, casting="unsafe")
+        np.divide(o, hi, out=o, where=hi > 0)
+        o[hi == 0] = 0.0
     return out
 
 
