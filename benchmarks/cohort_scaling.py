@@ -78,9 +78,7 @@ def near_free_task(package_dir, digest, serve, slide, settings, out_root, name, 
     from medwsol.config import SlidesConfig
     from medwsol.engine.infer import failed_row, infer_slide
 
-    from medwsol.engine.cohort import worker_settings
-
-    cfg = worker_settings(SlidesConfig.model_validate(settings), device)
+    cfg = SlidesConfig.model_validate(settings)
     try:
         return infer_slide(near_free_served(), Path(slide), cfg, Path(out_root), device, progress=False, amp=amp,
                            name=name)

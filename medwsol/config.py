@@ -272,7 +272,8 @@ class SlidesConfig(Section):
         "because it has no pyramid level near tissue_mpp, fails with a reason (the others go on)")
     output_mpp: float = Field(4.0, gt=0, description="resolution of the stitched heatmap")
     batch_size: int = Field(16, ge=1)
-    num_workers: int = Field(1, ge=0)
+    num_workers: int = Field(1, ge=0, description="tile readers: on CUDA this many DataLoader processes; on a CPU "
+                             "(or in a daemonic Dask worker) one read-ahead thread if > 0; 0: read in the loop")
     threshold: float | None = Field(None, gt=0, lt=1, description="default: the model package's tau, chosen on "
                                     "validation for the served score")
     score: Literal["weight", "weight_x_prob"] = Field(

@@ -205,6 +205,51 @@ def test_outputs_contract_and_worker_loader(tmp_path):
     assert not cov[-5:, :5].any()  # glass in a corner: not inferred
 
 
+def test_tile_loader_thread_reads_what_the_loop_reads_and_raises_its_errors(tmp_path):
+    import threading
+
+    from medwsol.data.slides import open_slide, slide_mpp, tile_grid
+    from medwsol.engine.infer import SlideTileDataset, TileLoader
+    from medwsol.errors import SlideError
+
+    slide = write_slide(tmp_path / "g.tif", gradient(700, 900))
+    base, _ = slide_mpp(open_slide(slide))
+    xy = tile_grid((900, 700), base, 0.5, 128, 0, np.ones((7, 9), bool), 100 * base, 0.0)
+    ds = SlideTileDataset(slide, xy, 128, 0.5, base)
+    cpu = torch.device("cpu")
+
+    def batches(loader):
+        torch.manual_seed(0)
+        out = [(imgs.clone(), idx.clone()) for imgs, idx in loader]
+        drawn = torch.rand(1)  # the loader must not draw from the global RNG
+        loader.stop()
+        return out, drawn
+
+    before = threading.active_count()
+    inline, drawn0 = batches(TileLoader(ds, 5, 0, cpu))
+    threaded_loader = TileLoader(ds, 5, 2, cpu)
+    assert threaded_loader.threaded and not TileLoader(ds, 5, 0, cpu).threaded
+    threaded, drawn1 = batches(threaded_loader)
+    assert len(inline) == len(threaded) == -(-len(xy) // 5) and drawn0 == drawn1
+    for (a, i), (b, j) in zip(inline, threaded):
+        assert torch.equal(i, j) and torch.equal(a, b)
+    assert threading.active_count() == before  # stop() joined the reader thread
+
+    class Bad(SlideTileDataset):
+        def __getitem__(self, i):
+            if i == 7:
+                raise SlideError(f"{self.path}: cannot decode the tile 7")
+            return super().__getitem__(i)
+
+    loader = TileLoader(Bad(slide, xy, 128, 0.5, base), 5, 1, cpu)
+    seen = []
+    with pytest.raises(SlideError, match="cannot decode the tile 7"):
+        for _, idx in loader:
+            seen.extend(idx.tolist())
+    loader.stop()
+    assert seen == list(range(5))  # the batches before the bad one arrived, none after it
+
+
 def test_slide_smaller_than_one_tile(tmp_path):
     img = np.zeros((80, 100, 3), np.uint8)
     img[:] = (205, 110, 170)

@@ -21,11 +21,10 @@ cannot finish is a ``failed`` row naming that. Task-level ``retries`` cover erro
 the slide itself (e.g. a worker that cannot deserialize the task).
 
 Tile reading in workers: Dask runs its workers as daemonic processes, which may not start the
-``DataLoader`` reader processes of ``slides.num_workers``. ``local:N`` clusters are started with
-``distributed.worker.daemon: False``; on CUDA a worker then keeps its prefetching reader processes; on a
-CPU, and in a daemonic worker (``dask worker`` defaults), the task reads tiles in its own thread
-(``num_workers`` 0; see :func:`worker_settings`), which changes speed, never outputs (``num_workers`` is not an
-output setting). Set ``DASK_DISTRIBUTED__WORKER__DAEMON=False`` in CUDA workers' environment to keep the reader.
+``DataLoader`` reader processes of ``slides.num_workers``; :class:`~medwsol.engine.infer.TileLoader`
+then reads tiles ahead in a thread of the task (as it always does on a CPU). ``local:N`` clusters are
+started with ``distributed.worker.daemon: False``, so a CUDA worker there keeps its reader processes.
+``num_workers`` changes speed, never outputs (it is not an output setting).
 
 Example:
     >>> from medwsol.engine.cohort import connect, run_cohort  # doctest: +SKIP
@@ -240,20 +239,6 @@ def _worker_info(package_dir: str, digest: str, serve: dict[str, Any]) -> dict[s
             "cuda": torch.cuda.is_available(), "daemon": multiprocessing.current_process().daemon}
 
 
-def worker_settings(cfg, device: str):
-    """The slide settings as a Dask worker runs them: tiles read in the task's own thread on a CPU.
-
-    A daemonic worker may not start ``DataLoader`` reader processes; a non-daemonic one may, but Dask
-    workers use the ``spawn`` start method, so every slide's reader would import torch and medwsol
-    afresh (measured: ~18 s per slide on 2 cores, against 0.2 s reading in the thread). On a CPU the
-    model, not reading, is the bottleneck, so readers stay off; on CUDA (a fast model) they are kept
-    where the worker may start them. ``num_workers`` is not an output setting: outputs are unchanged.
-    """
-    if cfg.num_workers and (multiprocessing.current_process().daemon or not str(device).startswith("cuda")):
-        return cfg.model_copy(update={"num_workers": 0})
-    return cfg
-
-
 def slide_task(package_dir: str, digest: str, serve: dict[str, Any], slide: str, settings: dict[str, Any],
                out_root: str, name: str, device: str, amp: str) -> dict[str, Any]:
     """One slide on a worker: :func:`~medwsol.engine.infer.infer_slide` with the cached served model.
@@ -263,7 +248,7 @@ def slide_task(package_dir: str, digest: str, serve: dict[str, Any], slide: str,
     from medwsol.config import SlidesConfig
     from medwsol.engine.infer import failed_row, infer_slide
 
-    cfg = worker_settings(SlidesConfig.model_validate(settings), device)
+    cfg = SlidesConfig.model_validate(settings)
     try:
         served = served_for(package_dir, digest, serve)
         with warnings.catch_warnings():

@@ -91,6 +91,7 @@ __all__ = [
     "DISK_THRESHOLD_PX",
     "OUTPUT_SETTINGS",
     "SlideTileDataset",
+    "TileLoader",
     "BandedZarrMerger",
     "importance_map",
     "infer_slide",
@@ -654,6 +655,73 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+class _ReaderFailed:
+    """What the reader thread hands over instead of a batch when reading raised (re-raised in the loop)."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.err = err
+
+
+class TileLoader:
+    """Batches ``(uint8 [B, T, T, 3], index [B])`` of a :class:`SlideTileDataset`, read ahead of the model.
+
+    How the tiles are read (``slides.num_workers`` = N; outputs never depend on it):
+
+    * on CUDA, N > 0, in a process that may start children: N ``DataLoader`` reader processes with
+      pinned memory (JPEG decoding in parallel feeds a fast GPU);
+    * otherwise, N > 0 (a CPU, or a daemonic Dask worker): **one reader thread** (MONAI's
+      :class:`~monai.data.ThreadBuffer`, 4 batches ahead). OpenSlide and numpy release the GIL while
+      they decode and copy, so reading overlaps the model as a process would, without a process start
+      per slide (a fork of a process holding torch: ~50 ms) or the copies through shared memory. On a
+      CPU the model is the bottleneck and one thread keeps up (docs/benchmarks.md: end to end 0.91-0.94
+      of model-only with the thread, 0.89-0.90 with a reader process, same run);
+    * N = 0: tiles are read in the loop itself (no read-ahead).
+
+    A reading error (a corrupt tile) is raised in the loop, as without a thread; :meth:`stop` ends the
+    thread before the slide is closed.
+    """
+
+    def __init__(self, ds: SlideTileDataset, batch_size: int, num_workers: int, device: torch.device) -> None:
+        import multiprocessing
+
+        self.threaded = bool(num_workers) and (device.type != "cuda" or multiprocessing.current_process().daemon)
+        procs = 0 if self.threaded else int(num_workers)
+        # its own generator: each pass draws its base seed from it, not from the global torch RNG
+        self.loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=procs, pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init if procs else None, prefetch_factor=4 if procs else None,
+            persistent_workers=False, generator=torch.Generator(),
+        )
+        self._buffer = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _guarded(self):
+        try:
+            yield from self.loader
+        except BaseException as err:  # noqa: BLE001 - handed to the loop, which raises it
+            yield _ReaderFailed(err)
+
+    def __iter__(self):
+        if not self.threaded:
+            yield from self.loader
+            return
+        from monai.data import ThreadBuffer
+
+        self._buffer = ThreadBuffer(self._guarded(), buffer_size=4, timeout=0.01)
+        for item in self._buffer:
+            if isinstance(item, _ReaderFailed):
+                raise item.err
+            yield item
+
+    def stop(self) -> None:
+        """Stop and join the reader thread (a no-op without one)."""
+        if self._buffer is not None:
+            self._buffer.stop()
+            self._buffer = None
+
+
 def model_input(imgs: torch.Tensor, served, device: torch.device) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 tiles -> ``[B, 3, H, W]`` floats in [0, 1] on ``device``, as ``served`` takes them.
 
@@ -672,11 +740,7 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
     """
     r0, c0, r1, c1 = boxes
     ds = SlideTileDataset(slide_path, xy, cfg.tile_size, cfg.target_mpp, base_mpp)
-    nw = int(cfg.num_workers)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=int(cfg.batch_size), shuffle=False, num_workers=nw, pin_memory=dev.type == "cuda",
-        worker_init_fn=_worker_init if nw else None, prefetch_factor=4 if nw else None, persistent_workers=False,
-    )
+    loader = TileLoader(ds, int(cfg.batch_size), int(cfg.num_workers), dev)
     dtype = amp_dtype(dev, amp)
     blend, sigma = getattr(cfg, "blend", "gaussian"), float(getattr(cfg, "blend_sigma", 0.125))
     ramp = float(effective_overlap(cfg))  # tile px; scaled to each footprint below
@@ -760,6 +824,7 @@ def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, pro
             while pending:
                 merge_oldest()
     finally:
+        loader.stop()  # the reader thread is done with the slide before it is closed
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         ds.close()
