@@ -21,7 +21,7 @@ def _sources() -> list[Path]:
     files = [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml", *sorted((ROOT / "docs").glob("*.md")),
              *sorted((ROOT / "pipelines").glob("*.yaml")), *sorted((ROOT / ".ci").glob("*")),
              *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "medwsol").rglob("*.py"))]
-    files += [p for p in ROOT.glob("*/README.md")]
+    files += [p for p in ROOT.glob("*/README.md") if not p.parent.name.startswith(".")]  # not .pytest_cache/
     return [f for f in files if f.is_file()]
 
 
