@@ -225,7 +225,7 @@ def test_tile_loader_thread_reads_what_the_loop_reads_and_raises_its_errors(tmp_
         loader.stop()
         return out, drawn
 
-    before = threading.active_count()
+    before = set(threading.enumerate())
     inline, drawn0 = batches(TileLoader(ds, 5, 0, cpu))
     threaded_loader = TileLoader(ds, 5, 2, cpu)
     assert threaded_loader.threaded and not TileLoader(ds, 5, 0, cpu).threaded
@@ -233,7 +233,7 @@ def test_tile_loader_thread_reads_what_the_loop_reads_and_raises_its_errors(tmp_
     assert len(inline) == len(threaded) == -(-len(xy) // 5) and drawn0 == drawn1
     for (a, i), (b, j) in zip(inline, threaded):
         assert torch.equal(i, j) and torch.equal(a, b)
-    assert threading.active_count() == before  # stop() joined the reader thread
+    assert not set(threading.enumerate()) - before  # stop() joined the reader thread (no thread of ours is left)
 
     class Bad(SlideTileDataset):
         def __getitem__(self, i):
@@ -248,6 +248,7 @@ def test_tile_loader_thread_reads_what_the_loop_reads_and_raises_its_errors(tmp_
             seen.extend(idx.tolist())
     loader.stop()
     assert seen == list(range(5))  # the batches before the bad one arrived, none after it
+    assert not set(threading.enumerate()) - before
 
 
 def test_slide_smaller_than_one_tile(tmp_path):

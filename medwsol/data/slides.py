@@ -244,7 +244,11 @@ def read_region_at_mpp(
             slide, x + round(ox * ds0), y + round(oy * ds0), bw, bh, level, within
         )
 
-    n = max(1, min(len(blocks), int(workers or min(4, _cpus()))))
+    if not workers:
+        from medwsol.engine.runtime import cores
+
+        workers = min(4, cores())
+    n = max(1, min(len(blocks), int(workers)))
     if n == 1:
         for b in blocks:
             read(b)
@@ -254,13 +258,6 @@ def read_region_at_mpp(
         with ThreadPoolExecutor(n, thread_name_prefix="medwsol-read") as pool:
             list(pool.map(read, blocks))
     return out
-
-
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _read_once(slide, x: int, y: int, w: int, h: int, level: int, within: float) -> np.ndarray:
@@ -293,9 +290,8 @@ def saturation(rgb: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarray:
         hi = np.maximum(np.maximum(c0, c1), c2)
         lo = np.minimum(np.minimum(c0, c1), c2)
         o = out[r : r + rows_per_chunk]
-        np.subtract(hi, lo, out=o, dtype=np.float32, casting="unsafe")
+        np.subtract(hi, lo, out=o, dtype=np.float32, casting="unsafe")  # 0 where hi is 0 (then lo is too)
         np.divide(o, hi, out=o, where=hi > 0)
-        o[hi == 0] = 0.0
     return out
 
 

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 from distributed import WorkerPlugin
 
 from medwsol.config import parse_cluster
+from medwsol.engine.runtime import cores
 from medwsol.errors import ConfigError
 
 __all__ = [
@@ -64,14 +65,6 @@ __all__ = [
 ALLOWED_FAILURES = 3
 #: Task-level retries (errors raised outside the slide's own failure handling).
 RETRIES = 2
-
-
-def cores() -> int:
-    """CPU cores this process may use (affinity-aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from medwsol.engine.runtime import cores
 from medwsol.errors import ConfigError
 
 __all__ = [
@@ -139,11 +140,7 @@ def max_procs(device: str = "auto") -> tuple[int, str]:
     """How many local processes ``--nproc`` may start, and what limits it (GPUs or CPU cores)."""
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count(), "CUDA device(s)"
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        n = os.cpu_count() or 1
-    return max(1, n), "CPU core(s)"
+    return cores(), "CPU core(s)"
 
 
 def init(device: str = "auto", timeout_s: float = 1800.0) -> Dist:

@@ -694,9 +694,6 @@ class TileLoader:
         )
         self._buffer = None
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def _guarded(self):
         try:
             yield from self.loader
@@ -733,7 +730,7 @@ def model_input(imgs: torch.Tensor, served, device: torch.device) -> torch.Tenso
 
 
 def _run_model(served, slide_path, xy, base_mpp, cfg, dev, amp, boxes, sink, probs, mean_w, progress) -> None:
-    """Batched inference with a prefetching DataLoader; stitches each tile's served score into ``sink``.
+    """Batched inference over a :class:`TileLoader`; stitches each tile's served score into ``sink``.
 
     The tile's score is resized to its heatmap footprint and merged with the footprint's importance
     map as weights (``slides.blend``), so overlapping tiles hand over smoothly.

@@ -12,7 +12,15 @@ import torch
 
 from medwsol.errors import ConfigError
 
-__all__ = ["select_device", "autocast", "amp_dtype", "seed_everything", "set_threads", "to_device"]
+__all__ = ["select_device", "autocast", "amp_dtype", "seed_everything", "set_threads", "to_device", "cores"]
+
+
+def cores() -> int:
+    """CPU cores this process may use (``sched_getaffinity``: a container's or ``taskset``'s limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def select_device(name: str = "auto") -> torch.device:

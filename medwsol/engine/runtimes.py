@@ -76,11 +76,10 @@ OPSET = 18
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on (``sched_getaffinity``), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    """ONNX Runtime's intra-op threads when ``slides.runtime_threads`` is not set: the CPUs this process may use."""
+    from medwsol.engine.runtime import cores
+
+    return cores()
 
 
 def resolve_runtime(name: str, device: torch.device | str) -> str:

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medwsol.checkpoint import read_checkpoint, write_checkpoint
-from medwsol.engine.runtime import amp_dtype, autocast, seed_everything, select_device, set_threads, to_device
+from medwsol.engine.runtime import amp_dtype, autocast, cores, seed_everything, select_device, set_threads, to_device
 from medwsol.errors import CheckpointError, DataError, TrainingError
 from medwsol.io import write_text
 
@@ -144,7 +143,7 @@ def train(cfg, run_dir: Path | None, tracker=None, resume: bool = False, dist=No
     tc, dc = cfg.train, cfg.data
     console = Console(stderr=True, quiet=not main)
     if dist is not None and not tc.threads:
-        set_threads(max(1, _cores() // max(1, dist.local_world)))
+        set_threads(max(1, cores() // max(1, dist.local_world)))
     set_threads(tc.threads)
     seed_everything(cfg.seed, tc.deterministic)
     device = dist.device if dist is not None else select_device(tc.device)
@@ -384,11 +383,6 @@ def train(cfg, run_dir: Path | None, tracker=None, resume: bool = False, dist=No
     return summary
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
 
 
 def _agreed():
